@@ -1,0 +1,134 @@
+"""``GateConfig``: the PEFT config of a stochastic-gate adapter."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+
+class GatePeftType(str, enum.Enum):
+    """Our own PEFT type: PEFT's ``PeftType`` enum is closed to plugins (see ``_registration``).
+
+    A ``str`` enum member hashes and compares equal to its value, so the ``"PEFT_GATES"`` read back
+    from ``adapter_config.json`` finds the registered classes. The value deliberately names the
+    package, so a fresh process that forgot ``import peft_gates`` fails with ``KeyError: 'PEFT_GATES'``.
+    """
+
+    PEFT_GATES = "PEFT_GATES"
+
+
+PLACEMENTS = ("rows", "columns", "both", "units")
+Placement = Literal["rows", "columns", "both", "units"]
+
+
+@dataclass
+class GateConfig(PeftConfig):
+    """Configuration of a FineGates adapter: trainable gates on rows/columns of frozen Linears.
+
+    Args:
+        target_modules: modules to gate, PEFT semantics (list of name suffixes, a regex, or
+            ``"all-linear"``). ``None`` gates every Linear but the output layer with ``placement``
+            ``rows``/``columns``/``both``, and the units of the architecture table with ``"units"``.
+        exclude_modules: modules never to gate (PEFT semantics).
+        modules_to_save: extra modules trained in full and saved (e.g. ``["classifier"]``).
+        placement: where gates sit. ``"both"`` (the paper's): one gate per output row and per input
+            column of every targeted Linear. ``"rows"`` / ``"columns"``: one side only. ``"units"``:
+            one gate per removable unit (an MLP neuron, an attention head or GQA group), placed as a
+            (grouped) column gate on the MLP output and attention output projections, so training
+            targets exactly what the merge can remove.
+        column_group_size: consecutive input columns that share one column gate; an int for every
+            gated module, or a mapping from module-name suffix to size (``{"o_proj": 64}`` gates
+            whole heads). Filled from the architecture table in ``"units"`` placement.
+        target_sparsity: fraction of gates the sparsity term drives closed, in [0, 1).
+        sparsity_weight: lambda, the weight of the sparsity term in the total loss (>= 0).
+        init_mean, init_std: raw gate init ``theta ~ N(init_mean, init_std^2)`` (paper: 1.0, 0.1; at
+            1.0 every gate starts fully open, so the wrapped model equals the base model).
+        noise_std: std of the training noise added to every gate (paper: 0.1).
+        sigma: scale of the open probability ``Phi((mu + 0.5) / sigma)`` in the regularizer (0.5).
+        sparsity_start_step: optimizer steps before the sparsity term starts (the paper's delay).
+        sparsity_warmup_steps: steps over which lambda then ramps linearly from 0 to its value.
+        bias: ``"none"``, ``"all"`` or ``"peft_gates_only"`` (biases of gated layers), as in LoRA.
+    """
+
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to gate."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to gate."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trained modules."})
+    placement: Placement = field(default="both", metadata={"help": f"One of {PLACEMENTS}."})
+    column_group_size: int | dict[str, int] = field(default=1, metadata={"help": "Columns per gate."})
+    target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gates to close."})
+    sparsity_weight: float = field(default=50.0, metadata={"help": "lambda of the sparsity term."})
+    init_mean: float = field(default=1.0, metadata={"help": "Mean of the raw gate init."})
+    init_std: float = field(default=0.1, metadata={"help": "Std of the raw gate init."})
+    noise_std: float = field(default=0.1, metadata={"help": "Std of the training noise."})
+    sigma: float = field(default=0.5, metadata={"help": "Scale of the open probability."})
+    sparsity_start_step: int = field(default=0, metadata={"help": "Steps before the term starts."})
+    sparsity_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up of lambda."})
+    bias: str = field(default="none", metadata={"help": "'none', 'all' or 'peft_gates_only'."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = GatePeftType.PEFT_GATES
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(field_name: str, value, fix: str) -> ValueError:
+            return ValueError(f"GateConfig.{field_name}={value!r} is invalid: {fix}")
+
+        if self.placement not in PLACEMENTS:
+            raise bad("placement", self.placement, f"use one of {PLACEMENTS}")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise bad("target_sparsity", self.target_sparsity, "it must lie in [0, 1)")
+        for name in ("sparsity_weight", "init_std", "noise_std"):
+            if getattr(self, name) < 0:
+                raise bad(name, getattr(self, name), "it must be >= 0")
+        if self.sigma <= 0:
+            raise bad("sigma", self.sigma, "it must be > 0")
+        for name in ("sparsity_start_step", "sparsity_warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise bad(name, value, "it must be a non-negative integer")
+        if self.bias not in ("none", "all", "peft_gates_only"):
+            raise bad("bias", self.bias, "use 'none', 'all' or 'peft_gates_only'")
+        sizes = (
+            self.column_group_size.values()
+            if isinstance(self.column_group_size, dict)
+            else [self.column_group_size]
+        )
+        if any(not isinstance(s, int) or s < 1 for s in sizes):
+            raise bad("column_group_size", self.column_group_size, "group sizes must be integers >= 1")
+
+    @property
+    def keep(self) -> float:
+        """Target fraction of open gates: ``1 - target_sparsity``."""
+        return 1.0 - self.target_sparsity
+
+    @property
+    def gates_rows(self) -> bool:
+        return self.placement in ("rows", "both")
+
+    @property
+    def gates_columns(self) -> bool:
+        return self.placement in ("columns", "both", "units")
+
+    def group_size_for(self, module_name: str) -> int:
+        """Column group size for ``module_name`` (longest matching suffix wins; default 1)."""
+        if isinstance(self.column_group_size, int):
+            return self.column_group_size
+        matches = [k for k in self.column_group_size if module_name == k or module_name.endswith("." + k)]
+        return self.column_group_size[max(matches, key=len)] if matches else 1
+
+    def lambda_at(self, step: int) -> float:
+        """lambda after the delayed start and the linear warm-up, at optimizer step ``step``."""
+        if step < self.sparsity_start_step:
+            return 0.0
+        if self.sparsity_warmup_steps == 0:
+            return self.sparsity_weight
+        ramp = (step - self.sparsity_start_step + 1) / self.sparsity_warmup_steps
+        return self.sparsity_weight * min(1.0, ramp)

@@ -1,0 +1,99 @@
+"""The gate math of FineGates (arXiv 2602.09169), in one place.
+
+Every gate is one raw trainable scalar ``theta``; ``mu = tanh(theta)``.
+
+* training value: ``z = clamp(mu + eps + 0.5, 0, 1)``, ``eps ~ N(0, noise_std^2)``, one draw per gate
+  per forward (shared by all tokens of the batch);
+* eval value: ``z = clamp(mu + 0.5, 0, 1)``; a unit is removable iff its eval value is exactly 0
+  (``mu <= -0.5``); values strictly between 0 and 1 are learned scales that fold into the weights;
+* open probability: ``p = Phi((mu + 0.5) / sigma)`` (the STG relaxation of the L0 norm);
+* sparsity term of one gate vector: ``|mean(p) - keep|`` with ``keep = 1 - target_sparsity``.
+
+The sparsity term does not travel through the loss. :class:`GateSample` adds its gradient in the
+backward pass of the gate sample itself, which is the one place that works unchanged under DDP,
+ZeRO-2/3 (where the parameter is partitioned outside the forward) and reentrant gradient
+checkpointing (where the first forward runs under ``no_grad``); see docs/concepts.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+OPEN_OFFSET = 0.5
+
+
+def init_theta(size: int, mean: float, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw gate parameters ``theta ~ N(mean, std^2)`` in fp32 (the paper's init: mean 1.0, std 0.1)."""
+    return torch.randn(size, generator=generator, dtype=torch.float32) * std + mean
+
+
+def eval_value(theta: torch.Tensor) -> torch.Tensor:
+    """Deterministic gate value used at eval time and folded into the weights by the merge."""
+    return torch.clamp(torch.tanh(theta) + OPEN_OFFSET, 0.0, 1.0)
+
+
+def open_probability(theta: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``P(z > 0) = Phi((mu + 0.5) / sigma)``: the smooth count of open gates that the loss targets."""
+    return 0.5 * (1.0 + torch.erf((torch.tanh(theta) + OPEN_OFFSET) / (sigma * math.sqrt(2.0))))
+
+
+def sparsity_term(theta: torch.Tensor, keep: float, sigma: float) -> torch.Tensor:
+    """``|mean(p) - keep|`` for one gate vector (one side, rows or columns, of one layer)."""
+    return (open_probability(theta, sigma).mean() - keep).abs()
+
+
+@dataclass
+class SparsityCoefficient:
+    """How strongly the sparsity gradient is injected; shared by every gate layer of one tuner.
+
+    ``weight`` is lambda after its schedule (delay, warm-up); ``grad_scale`` divides by gradient
+    accumulation steps and multiplies by an fp16 loss scale, so the term has the same strength as a
+    term added to the (scaled, averaged) loss would. ``num_terms`` is the number of gated layers the
+    sparsity loss averages over; each side of a layer with both row and column gates counts half.
+    """
+
+    weight: float
+    grad_scale: float = 1.0
+    num_terms: int = 1
+
+    def per_vector(self, sides: int) -> float:
+        return self.weight * self.grad_scale / max(self.num_terms, 1) / sides
+
+
+class GateSample(torch.autograd.Function):
+    """Training gate sample whose backward also adds ``coef * d sparsity_term / d theta``.
+
+    ``value`` is computed outside (so the noise draw is the module's, replayed identically by
+    checkpoint recomputation); this function only routes gradients: the task gradient through the
+    clamp/tanh and the regularizer gradient computed on the spot from ``theta``.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, noise: torch.Tensor, keep: float, sigma: float, coef: float):
+        pre = torch.tanh(theta) + noise + OPEN_OFFSET
+        ctx.save_for_backward(theta, pre)
+        ctx.keep, ctx.sigma, ctx.coef = keep, sigma, coef
+        return torch.clamp(pre, 0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        theta, pre = ctx.saved_tensors
+        inside = ((pre > 0.0) & (pre < 1.0)).to(grad_out.dtype)
+        grad = grad_out * inside * (1.0 - torch.tanh(theta) ** 2)
+        if ctx.coef != 0.0:
+            with torch.enable_grad():
+                leaf = theta.detach().requires_grad_(True)
+                (reg_grad,) = torch.autograd.grad(sparsity_term(leaf, ctx.keep, ctx.sigma), leaf)
+            grad = grad + ctx.coef * reg_grad
+        return grad, None, None, None, None
+
+
+def sample_with_sparsity_grad(
+    theta: torch.Tensor, noise_std: float, keep: float, sigma: float, coef: float
+) -> torch.Tensor:
+    """Training gate values for ``theta`` with the sparsity gradient attached (see :class:`GateSample`)."""
+    noise = torch.randn_like(theta) * noise_std if noise_std > 0 else torch.zeros_like(theta)
+    return GateSample.apply(theta, noise, keep, sigma, coef)

@@ -1,0 +1,197 @@
+"""Gate layers: a frozen Linear (``nn.Linear``, GPT-2 ``Conv1D``, bitsandbytes 4/8-bit) with gates.
+
+``y = ((x * z_c) W^T + b) * z_r``: column gates ``z_c`` scale the inputs, row gates ``z_r`` scale the
+outputs (and so the bias). Gates are fp32 parameters; their values are cast to the activation dtype.
+One wrapper serves every base layer type because it only calls the base layer, never its weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import gates
+from .config import GateConfig
+from .gates import SparsityCoefficient
+
+
+def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
+    """Logical (in, out) sizes; never ``weight.shape`` (bnb packs 4-bit weights, ZeRO-3 empties them)."""
+    if isinstance(base_layer, Conv1D):
+        return base_layer.nx, base_layer.nf
+    if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+        return base_layer.in_features, base_layer.out_features
+    raise TypeError(f"cannot gate {type(base_layer).__name__}: only Linear-like layers have rows and columns")
+
+
+def _fold_weight(base_layer: nn.Module, z_row: torch.Tensor | None, z_col: torch.Tensor | None) -> None:
+    """Multiply the eval gates into a float base layer's weight and bias, in place."""
+    weight = base_layer.weight.data
+    w = weight.float()
+    if isinstance(base_layer, Conv1D):  # weight is (in, out)
+        w = w * (z_col[:, None] if z_col is not None else 1) * (z_row[None, :] if z_row is not None else 1)
+    else:
+        w = w * (z_row[:, None] if z_row is not None else 1) * (z_col[None, :] if z_col is not None else 1)
+    weight.copy_(w.to(weight.dtype))
+    if base_layer.bias is not None and z_row is not None:
+        bias = base_layer.bias.data
+        bias.copy_((bias.float() * z_row).to(bias.dtype))
+
+
+class GateLayer(BaseTunerLayer):
+    """Per-adapter row and column gate vectors on one Linear-like base layer."""
+
+    adapter_layer_names = ("peft_gates_row", "peft_gates_col")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.peft_gates_row = nn.ParameterDict({})
+        self.peft_gates_col = nn.ParameterDict({})
+        self.column_group: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
+        # Shared with the tuner, which updates lambda / gradient scale in place (see training.py).
+        self.sparsity: dict[str, SparsityCoefficient] = {}
+        self.gate_settings: dict[str, GateConfig] = {}
+
+    def update_layer(
+        self, adapter_name: str, config: GateConfig, rows: bool, columns: bool, group_size: int
+    ) -> None:
+        """Create the gate vectors of ``adapter_name`` (fully open at the paper's init)."""
+        if columns and self.in_features % group_size != 0:
+            raise ValueError(
+                f"GateConfig.column_group_size={group_size} does not divide in_features={self.in_features}; "
+                "use a divisor of the layer's input size (e.g. the head_dim)"
+            )
+        if rows:
+            self.peft_gates_row[adapter_name] = nn.Parameter(
+                gates.init_theta(self.out_features, config.init_mean, config.init_std)
+            )
+        if columns:
+            self.peft_gates_col[adapter_name] = nn.Parameter(
+                gates.init_theta(self.in_features // group_size, config.init_mean, config.init_std)
+            )
+        self.column_group[adapter_name] = group_size
+        self.gate_settings[adapter_name] = config
+        device = next((p.device for p in self.get_base_layer().parameters() if p.device.type != "meta"), None)
+        if device is not None:
+            for store in (self.peft_gates_row, self.peft_gates_col):
+                if adapter_name in store:
+                    store[adapter_name] = nn.Parameter(store[adapter_name].data.to(device))
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def gate_vectors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The raw gate parameters of ``adapter_name`` by side (``"rows"``, ``"columns"``)."""
+        out = {}
+        if adapter_name in self.peft_gates_row:
+            out["rows"] = self.peft_gates_row[adapter_name]
+        if adapter_name in self.peft_gates_col:
+            out["columns"] = self.peft_gates_col[adapter_name]
+        return out
+
+    def eval_gates(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Deterministic (row, column) gate values, columns expanded to ``in_features``."""
+        vectors = self.gate_vectors(adapter_name)
+        z_row = gates.eval_value(vectors["rows"].detach().float()) if "rows" in vectors else None
+        z_col = None
+        if "columns" in vectors:
+            z_col = gates.eval_value(vectors["columns"].detach().float())
+            z_col = z_col.repeat_interleave(self.column_group[adapter_name])
+        return z_row, z_col
+
+    def _gate_values(self, adapter_name: str, sides: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gate values for this forward: noisy with the sparsity gradient when training, else eval."""
+        if not self.training:
+            return self._eval_live(adapter_name)
+        cfg = self.gate_settings[adapter_name]
+        coef = self.sparsity[adapter_name].per_vector(sides) if adapter_name in self.sparsity else 0.0
+        values = []
+        for store in (self.peft_gates_row, self.peft_gates_col):
+            theta = store[adapter_name] if adapter_name in store else None
+            values.append(
+                None
+                if theta is None
+                else gates.sample_with_sparsity_grad(theta, cfg.noise_std, cfg.keep, cfg.sigma, coef)
+            )
+        return values[0], values[1]
+
+    def _eval_live(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Eval gate values that stay differentiable (eval-mode gradients, e.g. for probing)."""
+        theta_r = self.peft_gates_row[adapter_name] if adapter_name in self.peft_gates_row else None
+        theta_c = self.peft_gates_col[adapter_name] if adapter_name in self.peft_gates_col else None
+        return (
+            None if theta_r is None else gates.eval_value(theta_r),
+            None if theta_c is None else gates.eval_value(theta_c),
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the eval gates of the active (or given) adapters into the base weight, exactly.
+
+        Only float bases fold in place; quantized bases are merged by ``GateModel.merge_and_unload``,
+        which dequantizes into a new dense model.
+        """
+        base = self.get_base_layer()
+        if not isinstance(base, (nn.Linear, Conv1D)) or not base.weight.dtype.is_floating_point:
+            raise ValueError(
+                f"cannot fold gates in place into {type(base).__name__}; use merge_and_unload(), which "
+                "dequantizes into a new pruned dense model"
+            )
+        for name in adapter_names or self.active_adapters:
+            if name in self.merged_adapters or not self.gate_vectors(name):
+                continue
+            z_row, z_col = self.eval_gates(name)
+            if safe_merge and any(z is not None and not torch.isfinite(z).all() for z in (z_row, z_col)):
+                raise ValueError(f"non-finite gate values in adapter {name!r}")
+            _fold_weight(base, z_row, z_col)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(
+            "gate folding is not invertible (closed gates zero weights); keep an unmerged copy instead"
+        )
+
+
+class Linear(nn.Module, GateLayer):
+    """Gated Linear-like layer (``nn.Linear``, ``Conv1D``, bitsandbytes ``Linear4bit``/``Linear8bitLt``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: GateConfig,
+        rows: bool,
+        columns: bool,
+        group_size: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        GateLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, rows=rows, columns=columns, group_size=group_size)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        z_row = z_col = None
+        for name in self.active_adapters:
+            vectors = self.gate_vectors(name)
+            if not vectors:
+                continue
+            row, col = self._gate_values(name, sides=len(vectors))
+            if col is not None:
+                col = col.repeat_interleave(self.column_group[name]) if self.column_group[name] > 1 else col
+                z_col = col if z_col is None else z_col * col
+            if row is not None:
+                z_row = row if z_row is None else z_row * row
+        if z_col is not None:
+            x = x * z_col.to(x.dtype)
+        out = self.base_layer(x, *args, **kwargs)
+        return out if z_row is None else out * z_row.to(out.dtype)
+
+    def __repr__(self) -> str:
+        return "peft_gates." + super().__repr__()

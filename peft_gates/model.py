@@ -1,0 +1,127 @@
+"""``GateModel``: the PEFT tuner that wraps targeted Linears in gate layers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .architectures import arch_spec, attention_shape
+from .config import GateConfig
+from .gates import SparsityCoefficient
+from .layer import GateLayer, Linear, in_out_features
+
+
+class GateModel(BaseTuner):
+    """Stochastic-gate tuner (FineGates, arXiv 2602.09169) for ``get_peft_model``.
+
+    Example:
+        >>> import peft_gates
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, peft_gates.GateConfig(target_modules="all-linear"))
+        >>> peft_gates.gate_statistics(model).summary()
+    """
+
+    prefix: str = "peft_gates_"
+    tuner_layer_cls = GateLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    @property
+    def sparsity_coefficients(self) -> dict[str, SparsityCoefficient]:
+        """Per-adapter strength of the injected sparsity gradient; shared by reference with every layer."""
+        return self.__dict__.setdefault("_sparsity_coefficients", {})
+
+    def _prepare_adapter_config(self, peft_config: GateConfig, model_config: dict) -> GateConfig:
+        if peft_config.placement != "units":
+            if peft_config.target_modules is None:
+                peft_config.target_modules = "all-linear"
+            return peft_config
+        model_type = model_config.get("model_type")
+        spec = arch_spec(model_type)
+        if spec is None:
+            from .architectures import ARCHITECTURES
+
+            raise ValueError(
+                f"placement='units' needs the coupled structures of model_type={model_type!r}, which "
+                f"peft_gates does not know (known: {sorted(ARCHITECTURES)}); use placement='both' (or "
+                "'rows'/'columns') or add the family to peft_gates.architectures.ARCHITECTURES"
+            )
+        units = {spec.mlp_out, spec.attn_out}
+        requested = peft_config.target_modules
+        if requested is None or requested == "all-linear":
+            chosen = units
+        else:
+            names = {requested} if isinstance(requested, str) else set(requested)
+            chosen = {u for u in units if any(u == n or u.endswith("." + n) or n.endswith(u) for n in names)}
+            if not chosen or len(chosen) != len(names):
+                raise ValueError(
+                    f"GateConfig.target_modules={sorted(names)} with placement='units' must name unit outputs of "
+                    f"{model_type}: {sorted(units)} (MLP neurons, attention heads), or be None for both"
+                )
+        shape = attention_shape(spec, SimpleNamespace(**model_config))
+        peft_config.target_modules = chosen
+        peft_config.column_group_size = {spec.mlp_out: 1, spec.attn_out: shape.unit_width}
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: GateConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        rows, columns = peft_config.gates_rows, peft_config.gates_columns
+        group = peft_config.group_size_for(current_key)
+        if isinstance(target, GateLayer):
+            target.update_layer(adapter_name, peft_config, rows=rows, columns=columns, group_size=group)
+            return
+        try:
+            in_out_features(target)
+        except TypeError as err:
+            raise ValueError(
+                f"target module {current_key!r} is a {type(target).__name__}, not a Linear; remove it from "
+                "GateConfig.target_modules (gates sit on rows/columns of Linear-like layers)"
+            ) from err
+        new_module = Linear(target, adapter_name, peft_config, rows=rows, columns=columns, group_size=group)
+        new_module.sparsity = self.sparsity_coefficients
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: GateConfig, adapter_name: str) -> None:
+        layers = self.gated_layers(adapter_name)
+        self.sparsity_coefficients[adapter_name] = SparsityCoefficient(
+            weight=config.lambda_at(0), num_terms=len(layers)
+        )
+
+    def gated_layers(self, adapter_name: str | None = None) -> dict[str, GateLayer]:
+        """Qualified name -> gate layer, for the layers that carry gates of ``adapter_name``."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, GateLayer) and module.gate_vectors(adapter_name)
+        }
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.sparsity_coefficients.pop(adapter_name, None)
+
+    def set_sparsity_step(
+        self, step: int, gradient_accumulation_steps: int = 1, loss_scale: float = 1.0
+    ) -> None:
+        """Set lambda for optimizer step ``step`` (delay and warm-up of the config) and the gradient scale.
+
+        Call once per optimizer step in a hand-written loop; :func:`peft_gates.attach` does it for
+        ``Trainer``/``SFTTrainer``. ``gradient_accumulation_steps`` divides the injected gradient like
+        the averaged loss is divided; ``loss_scale`` is the current fp16 loss scale (1.0 otherwise).
+        """
+        if gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
+        for name, coef in self.sparsity_coefficients.items():
+            coef.weight = self.peft_config[name].lambda_at(step)
+            coef.grad_scale = loss_scale / gradient_accumulation_steps
