@@ -8,8 +8,9 @@ from ._registration import register
 from .config import GateConfig, GatePeftType
 from .layer import GateLayer
 from .model import GateModel
+from .stats import GateStats, gate_statistics
 
 register()
 
-__all__ = ["GateConfig", "GateLayer", "GateModel", "GatePeftType"]
+__all__ = ["GateConfig", "GateLayer", "GateModel", "GatePeftType", "GateStats", "gate_statistics"]
 __version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""Gate statistics: how much of the model the gates would remove, per layer and in total."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import gates
+
+
+@dataclass
+class SideStats:
+    """Counts for one gate vector (the rows or the columns of one layer)."""
+
+    gates: int
+    open: int
+    closed: int
+    fractional: int
+    term: float
+
+    @property
+    def closed_fraction(self) -> float:
+        return self.closed / self.gates if self.gates else 0.0
+
+
+@dataclass
+class LayerStats:
+    name: str
+    sides: dict[str, SideStats]
+
+    @property
+    def sparsity_loss(self) -> float:
+        """This layer's term: the mean over its sides of ``|mean p - keep|``."""
+        return sum(s.term for s in self.sides.values()) / len(self.sides)
+
+
+@dataclass
+class GateStats:
+    """Statistics of one adapter. ``removable_parameters`` comes from the pruning plan."""
+
+    adapter_name: str
+    target_sparsity: float
+    layers: list[LayerStats]
+    total_parameters: int
+    removable_parameters: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def _sum(self, attr: str) -> int:
+        return sum(getattr(s, attr) for layer in self.layers for s in layer.sides.values())
+
+    @property
+    def num_gates(self) -> int:
+        return self._sum("gates")
+
+    @property
+    def closed_gates(self) -> int:
+        return self._sum("closed")
+
+    @property
+    def fractional_gates(self) -> int:
+        return self._sum("fractional")
+
+    @property
+    def realized_sparsity(self) -> float:
+        """Fraction of all gates whose eval value is exactly 0 (what the target is compared with)."""
+        return self.closed_gates / self.num_gates if self.num_gates else 0.0
+
+    @property
+    def fractional_fraction(self) -> float:
+        return self.fractional_gates / self.num_gates if self.num_gates else 0.0
+
+    @property
+    def sparsity_loss(self) -> float:
+        """The unweighted sparsity term: mean over gated layers (what lambda multiplies)."""
+        return sum(layer.sparsity_loss for layer in self.layers) / len(self.layers) if self.layers else 0.0
+
+    @property
+    def removable_fraction(self) -> float | None:
+        if self.removable_parameters is None or not self.total_parameters:
+            return None
+        return self.removable_parameters / self.total_parameters
+
+    def to_dict(self) -> dict:
+        return {
+            "adapter_name": self.adapter_name,
+            "target_sparsity": self.target_sparsity,
+            "realized_sparsity": self.realized_sparsity,
+            "num_gates": self.num_gates,
+            "closed_gates": self.closed_gates,
+            "fractional_gates": self.fractional_gates,
+            "sparsity_loss": self.sparsity_loss,
+            "total_parameters": self.total_parameters,
+            "removable_parameters": self.removable_parameters,
+            "removable_fraction": self.removable_fraction,
+            "layers": [
+                {"name": layer.name, **{side: asdict(s) for side, s in layer.sides.items()}}
+                for layer in self.layers
+            ],
+            **self.extra,
+        }
+
+    def summary(self) -> str:
+        """A few lines for logs and the main job."""
+        lines = [
+            f"adapter {self.adapter_name!r}: {self.num_gates} gates in {len(self.layers)} layers",
+            f"  closed {self.closed_gates} ({100 * self.realized_sparsity:.1f}%, target "
+            f"{100 * self.target_sparsity:.0f}% of open probability mass), fractional {self.fractional_gates} "
+            f"({100 * self.fractional_fraction:.1f}%)",
+            f"  sparsity loss {self.sparsity_loss:.4f}",
+        ]
+        if self.removable_parameters is not None:
+            lines.append(
+                f"  removable by the merge: {self.removable_parameters:,} of {self.total_parameters:,} "
+                f"parameters ({100 * self.removable_fraction:.1f}%)"
+            )
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter]):
+    """Gather ZeRO-3 partitioned parameters for reading (a no-op for ordinary parameters)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _side_stats(theta: torch.Tensor, keep: float, sigma: float) -> SideStats:
+    theta = theta.detach().float()
+    z = gates.eval_value(theta)
+    closed = int((z == 0).sum())
+    opened = int((z == 1).sum())
+    return SideStats(
+        gates=theta.numel(),
+        open=opened,
+        closed=closed,
+        fractional=theta.numel() - opened - closed,
+        term=float(gates.sparsity_term(theta, keep, sigma)),
+    )
+
+
+def _unwrap_tuner(model: nn.Module):
+    """The GateModel inside a PeftModel (or the GateModel itself)."""
+    from .model import GateModel
+
+    for module in (model, getattr(model, "base_model", None)):
+        if isinstance(module, GateModel):
+            return module
+    raise TypeError(
+        f"expected a PeftModel with a peft_gates adapter (get_peft_model(model, GateConfig(...))), "
+        f"got {type(model).__name__}"
+    )
+
+
+def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan: bool = True) -> GateStats:
+    """Per-layer and total gate statistics of ``adapter_name`` (default: the active adapter).
+
+    ``with_plan`` also asks the pruning planner how many parameters the merge would remove; it is
+    cheap (no weights are touched) but skipped for architectures the planner does not know.
+    """
+    tuner = _unwrap_tuner(model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"no adapter named {adapter_name!r}; available: {sorted(tuner.peft_config)}")
+    config = tuner.peft_config[adapter_name]
+    layers = []
+    for name, layer in tuner.gated_layers(adapter_name).items():
+        vectors = layer.gate_vectors(adapter_name)
+        with gathered(list(vectors.values())):
+            sides = {side: _side_stats(theta, config.keep, config.sigma) for side, theta in vectors.items()}
+        layers.append(LayerStats(name=name, sides=sides))
+    total = sum(
+        p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        for n, p in tuner.model.named_parameters()
+        if tuner.prefix not in n
+    )
+    stats = GateStats(adapter_name, config.target_sparsity, layers, total_parameters=total)
+    if with_plan:
+        from .pruning import plan_pruning
+
+        with contextlib.suppress(NotImplementedError):
+            stats.removable_parameters = plan_pruning(model, adapter_name).removed_parameters
+    return stats
+
+
+__all__ = ["GateStats", "LayerStats", "SideStats", "gate_statistics"]

@@ -1,0 +1,458 @@
+"""Wiring the FineGates sparsity objective into training loops.
+
+The sparsity term never travels through the loss: :class:`peft_gates.gates.GateSample` adds its
+gradient in the backward pass of every gate sample (the one place that works unchanged under DDP,
+ZeRO-2/3 and reentrant checkpointing). What a loop must still provide, once per optimizer step, is
+the *strength* of that gradient: lambda after its schedule (delay, warm-up), divided by the gradient
+accumulation steps and multiplied by the fp16 loss scale, exactly as a term added to the (averaged,
+scaled) loss would be. :meth:`peft_gates.GateModel.set_sparsity_step` takes those numbers.
+
+* ``transformers.Trainer`` / TRL ``SFTTrainer`` (and other Trainer subclasses): one line,
+  :func:`attach`, after building the trainer and before ``train()``.
+* A hand-written (accelerate) loop: call :func:`set_sparsity_step` at the start of every optimizer
+  step (see ``integrations/accelerate/train_loop.py``).
+
+Metrics (added to the Trainer's logs, ``state.log_history`` and every reporter): ``sparsity_loss``
+(the unweighted regularizer, mean over gated layers of ``|mean p - keep|``), ``sparsity_lambda`` (lambda
+applied in the last step), ``sparsity_realized`` (fraction of gates whose eval value is exactly 0),
+``gates_fractional`` (fraction strictly between 0 and 1: learned scales) and ``params_removable``
+(weight and bias entries zeroed by closed gates now).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from . import gates
+from .layer import GateLayer
+from .model import GateModel
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("sparsity_loss", "sparsity_lambda", "sparsity_realized", "gates_fractional", "params_removable")
+
+
+# --------------------------------------------------------------------------------------------- model access
+
+
+def find_gate_model(model: nn.Module) -> GateModel | None:
+    """The :class:`GateModel` tuner inside ``model``, through DDP, DeepSpeed, compile and PEFT wrappers."""
+    seen: set[int] = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, GateModel):
+            return model
+        for attr in ("base_model", "module", "_orig_mod"):  # PeftModel, DDP / DeepSpeedEngine, torch.compile
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and inner is not model:
+                model = inner
+                break
+        else:
+            return None
+    return None
+
+
+def gate_model_of(model: nn.Module) -> GateModel:
+    """Like :func:`find_gate_model` but raises a clear error when the model carries no gate adapter."""
+    found = find_gate_model(model)
+    if found is None:
+        raise TypeError(
+            f"{type(model).__name__} carries no peft_gates adapter; wrap the model first with "
+            "peft.get_peft_model(model, peft_gates.GateConfig(...)) (or pass peft_config=GateConfig(...) to "
+            "SFTTrainer) and `import peft_gates` before building it"
+        )
+    return found
+
+
+def _adapter(gate_model: GateModel, adapter_name: str | None) -> str:
+    return adapter_name or gate_model.active_adapters[0]
+
+
+def _gate_parameters(gate_model: GateModel, adapter_name: str) -> list[nn.Parameter]:
+    return [p for layer in gate_model.gated_layers(adapter_name).values() for p in layer.gate_vectors(adapter_name).values()]
+
+
+@contextlib.contextmanager
+def _gathered(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Gather ZeRO-3 partitioned parameters (a collective: every rank must enter); a no-op otherwise."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def gate_metrics(model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
+    """Sparsity metrics of the gates of ``adapter_name`` now (see the module docstring for the keys).
+
+    Gathers ZeRO-3 partitioned gate vectors, so under ZeRO-3 every rank must call it together.
+    ``params_removable`` counts weight/bias entries of gated layers that closed gates zero; it is an
+    upper bound of what the pruning merge removes, which only removes whole units.
+    """
+    gate_model = gate_model_of(model)
+    adapter_name = _adapter(gate_model, adapter_name)
+    layers = gate_model.gated_layers(adapter_name)
+    coef = gate_model.sparsity_coefficients.get(adapter_name)
+    totals = {"gates": 0, "closed": 0, "fractional": 0, "removable": 0}
+    terms: list[float] = []
+    with _gathered(_gate_parameters(gate_model, adapter_name)):
+        for layer in layers.values():
+            cfg = layer.gate_settings[adapter_name]
+            sides = [
+                gates.sparsity_term(theta.detach().float(), cfg.keep, cfg.sigma).item()
+                for theta in layer.gate_vectors(adapter_name).values()
+            ]
+            terms.append(sum(sides) / len(sides))
+            for theta in layer.gate_vectors(adapter_name).values():
+                z = gates.eval_value(theta.detach().float())
+                totals["gates"] += z.numel()
+                totals["closed"] += int((z == 0).sum())
+                totals["fractional"] += int(((z > 0) & (z < 1)).sum())
+            z_row, z_col = layer.eval_gates(adapter_name)
+            rows_closed = int((z_row == 0).sum()) if z_row is not None else 0
+            cols_closed = int((z_col == 0).sum()) if z_col is not None else 0
+            n_in, n_out = layer.in_features, layer.out_features
+            removable = n_in * n_out - (n_in - cols_closed) * (n_out - rows_closed)
+            if getattr(layer.get_base_layer(), "bias", None) is not None:
+                removable += rows_closed
+            totals["removable"] += removable
+    n = max(totals["gates"], 1)
+    return {
+        "sparsity_loss": sum(terms) / max(len(terms), 1),
+        "sparsity_lambda": float(coef.weight) if coef is not None else 0.0,
+        "sparsity_realized": totals["closed"] / n,
+        "gates_fractional": totals["fractional"] / n,
+        "params_removable": float(totals["removable"]),
+    }
+
+
+# --------------------------------------------------------------------------------------------- loss scale
+
+
+def _deepspeed_loss_scale(engine: Any) -> float:
+    """Current fp16 loss scale of a DeepSpeed engine (1.0 for fp32/bf16)."""
+    optimizer = getattr(engine, "optimizer", None)
+    scaler = getattr(optimizer, "torch_autocast_gradscaler", None) or getattr(
+        engine, "torch_autocast_z0_gradscaler", None
+    )
+    if scaler is not None:
+        return float(scaler.get_scale())
+    if getattr(optimizer, "custom_loss_scaler", False):
+        return float(optimizer.external_loss_scale)
+    loss_scaler = getattr(optimizer, "loss_scaler", None)
+    if loss_scaler is not None:
+        return float(loss_scaler.cur_scale)
+    return float(getattr(optimizer, "cur_scale", 1.0))
+
+
+def current_loss_scale(accelerator: Any = None, model: nn.Module | None = None) -> float:
+    """The factor the backward pass multiplies the loss by right now (fp16 loss scaling), else 1.0.
+
+    Looks at the accelerator's ``GradScaler`` (torch AMP fp16) and at a DeepSpeed engine (``model``
+    if it is one, else the accelerator's).
+    """
+    engine = model if type(model).__name__ == "DeepSpeedEngine" else None
+    if engine is None and accelerator is not None:
+        wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+        engine = getattr(wrapped, "engine", None)
+    if engine is not None:
+        return _deepspeed_loss_scale(engine)
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        return float(scaler.get_scale())
+    return 1.0
+
+
+def set_sparsity_step(
+    model: nn.Module,
+    step: int,
+    accelerator: Any = None,
+    *,
+    gradient_accumulation_steps: int | None = None,
+    loss_scale: float | None = None,
+) -> float:
+    """For hand-written loops: set lambda and the gradient scale for optimizer step ``step``.
+
+    Call at the start of every optimizer step (before its first micro-batch). Gradient accumulation
+    steps default to ``accelerator.gradient_accumulation_steps`` (what ``accelerator.backward`` divides
+    the loss by), the loss scale to :func:`current_loss_scale`. Without an accelerator, pass the number
+    of micro-batches whose losses you average per step. Returns the lambda now in force.
+    """
+    gate_model = gate_model_of(model)
+    if gradient_accumulation_steps is None:
+        gradient_accumulation_steps = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
+    if loss_scale is None:
+        loss_scale = current_loss_scale(accelerator, model)
+    gate_model.set_sparsity_step(step, gradient_accumulation_steps, loss_scale)
+    coefs = gate_model.sparsity_coefficients
+    return float(next(iter(coefs.values())).weight) if coefs else 0.0
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _checkpointing(trainer: Trainer) -> tuple[bool, bool]:
+    """(gradient checkpointing on, reentrant) as the Trainer will configure it."""
+    args = trainer.args
+    enabled = bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
+        args, "gradient_checkpointing_kwargs", None
+    )
+    base = trainer.model
+    if not enabled:
+        for module in base.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                enabled = True
+                break
+    # transformers >= 5 defaults to non-reentrant checkpointing when no kwargs are given.
+    reentrant = bool((kwargs or {}).get("use_reentrant", False))
+    return enabled, reentrant
+
+
+def _is_ddp(trainer: Trainer) -> bool:
+    from accelerate.utils import DistributedType
+
+    kind = trainer.accelerator.distributed_type
+    return kind != DistributedType.DEEPSPEED and kind.name.startswith("MULTI_") and trainer.accelerator.num_processes > 1
+
+
+def _is_sft_trainer(trainer: Trainer) -> bool:
+    try:
+        from trl import SFTTrainer
+    except ImportError:  # TRL is optional
+        return False
+    return isinstance(trainer, SFTTrainer)
+
+
+def check_trainer(trainer: Trainer, adapter_name: str | None = None) -> list[str]:
+    """Refuse set-ups in which the sparsity term would silently not apply; return warnings for risky ones.
+
+    Raises ``ValueError`` for: no peft_gates adapter, lambda > 0 with no gated layer, no trainable gate,
+    merged gates, gates on ``lm_head`` under ``SFTTrainer`` (its fused LM head reads ``lm_head.weight``
+    directly, so the gate layer never runs), and DDP with ``ddp_find_unused_parameters=True`` plus
+    reentrant gradient checkpointing (DDP then fails with "mark a variable ready only once").
+    """
+    gate_model = gate_model_of(trainer.model)
+    adapter_name = _adapter(gate_model, adapter_name)
+    config = gate_model.peft_config[adapter_name]
+    layers = gate_model.gated_layers(adapter_name)
+    found: list[str] = []
+    if not layers:
+        if config.sparsity_weight > 0:
+            raise ValueError(
+                f"GateConfig.sparsity_weight={config.sparsity_weight} but adapter {adapter_name!r} gates no layer, "
+                "so the sparsity term has nothing to act on; check GateConfig.target_modules against the model's "
+                "module names (or set sparsity_weight=0)"
+            )
+        found.append(f"adapter {adapter_name!r} gates no layer: training changes no gate")
+    params = _gate_parameters(gate_model, adapter_name)
+    if params and not any(p.requires_grad for p in params):
+        raise ValueError(
+            f"no gate of adapter {adapter_name!r} is trainable (inference_mode=True, or the adapter is not the "
+            "active one); create the adapter with inference_mode=False and make it active before training"
+        )
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"gates are merged into {len(merged)} layers (e.g. {merged[0]}): merged gate layers run only the base "
+            "layer, so nothing trains; train on an unmerged adapter and merge afterwards"
+        )
+    if _is_sft_trainer(trainer):
+        output = trainer.model.get_output_embeddings() if hasattr(trainer.model, "get_output_embeddings") else None
+        if isinstance(output, GateLayer) and output.gate_vectors(adapter_name):
+            raise ValueError(
+                "gates on the output layer (lm_head) do not train under TRL's SFTTrainer: its fused LM head "
+                "computes log-probabilities from lm_head.weight directly, so the gate layer never runs and "
+                "neither the task nor the sparsity gradient reaches its gates; add 'lm_head' to "
+                "GateConfig.exclude_modules (or drop it from target_modules)"
+            )
+    checkpointing, reentrant = _checkpointing(trainer)
+    if checkpointing and _is_ddp(trainer):
+        handler = getattr(trainer.accelerator, "ddp_handler", None)
+        find_unused = getattr(handler, "find_unused_parameters", trainer.args.ddp_find_unused_parameters)
+        if find_unused and reentrant:
+            raise ValueError(
+                "DDP with ddp_find_unused_parameters=True and reentrant gradient checkpointing fails ('Expected "
+                "to mark a variable ready only once'): set TrainingArguments(ddp_find_unused_parameters=False) "
+                "(transformers turns it on for any PeftModel), or use non-reentrant checkpointing"
+            )
+        if find_unused:
+            found.append(
+                "DDP with ddp_find_unused_parameters=True and gradient checkpointing: every gate is used in every "
+                "step, so set TrainingArguments(ddp_find_unused_parameters=False) to skip the extra graph traversal "
+                "(and to stay safe if you switch to reentrant checkpointing)"
+            )
+    return found
+
+
+def _recast_gates_fp32(gate_model: GateModel, adapter_name: str) -> int:
+    """Cast gate vectors back to fp32 in place (same Parameter objects, so optimizer references stay valid).
+
+    TRL's SFTTrainer casts every trainable parameter of a 4/8-bit model to bf16; near the decision point
+    (theta ~ -0.55) bf16 spacing is ~0.004, so small Adam steps on the gates would round to nothing.
+    """
+    count = 0
+    for param in _gate_parameters(gate_model, adapter_name):
+        if param.dtype != torch.float32 and param.device.type != "meta" and not hasattr(param, "ds_id"):
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------- callback
+
+
+class GateTrainerCallback(TrainerCallback):
+    """Sets the sparsity strength at each optimizer step and adds gate metrics to the trainer's logs.
+
+    Installed by :func:`attach` as the FIRST callback, so its ``on_log`` adds the metrics to ``logs``
+    before TensorBoard/W&B/the printer see them (it also completes the ``state.log_history`` entry,
+    which ``Trainer.log`` copies before calling the callbacks). Holds no state worth saving: lambda is a
+    function of ``state.global_step``, which ``resume_from_checkpoint`` restores.
+    """
+
+    def __init__(self, trainer: Trainer, adapter_name: str | None = None, log_metrics: bool = True) -> None:
+        self.trainer = trainer
+        self.adapter_name = adapter_name
+        self.log_metrics = log_metrics
+        self._probe_handles: list[Any] = []
+        self._ran: set[str] = set()
+        self._probe_step: int | None = None
+
+    # -- sparsity strength
+    def _gradient_accumulation_steps(self, args: TrainingArguments) -> int:
+        # The last optimizer step of an epoch may accumulate fewer micro-batches; the Trainer divides the
+        # loss (or normalizes by the token count of the window) accordingly, so follow it.
+        current = getattr(self.trainer, "current_gradient_accumulation_steps", None)
+        return int(current or args.gradient_accumulation_steps)
+
+    def _set_step(self, args: TrainingArguments, state: TrainerState) -> None:
+        gate_model = gate_model_of(self.trainer.model)
+        loss_scale = current_loss_scale(self.trainer.accelerator, self.trainer.model_wrapped)
+        gate_model.set_sparsity_step(state.global_step, self._gradient_accumulation_steps(args), loss_scale)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._set_step(args, state)
+        self._start_probe(state)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._set_step(args, state)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._probe_handles:
+            self._finish_probe()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._remove_probe()
+
+    # -- probe: did every gate layer run a differentiable training forward in the first step?
+    def _start_probe(self, state: TrainerState) -> None:
+        self._remove_probe()
+        gate_model = gate_model_of(self.trainer.model)
+        adapter_name = _adapter(gate_model, self.adapter_name)
+        self._ran = set()
+
+        def make_hook(name: str):
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                if module.training and torch.is_grad_enabled():
+                    self._ran.add(name)
+
+            return hook
+
+        for name, layer in gate_model.gated_layers(adapter_name).items():
+            self._probe_handles.append(layer.register_forward_hook(make_hook(name)))
+        self._probe_names = set(gate_model.gated_layers(adapter_name))
+
+    def _remove_probe(self) -> None:
+        for handle in self._probe_handles:
+            handle.remove()
+        self._probe_handles = []
+
+    def _finish_probe(self) -> None:
+        self._remove_probe()
+        missing = sorted(self._probe_names - self._ran)
+        if not missing:
+            return
+        gate_model = gate_model_of(self.trainer.model)
+        weight = gate_model.peft_config[_adapter(gate_model, self.adapter_name)].sparsity_weight
+        message = (
+            f"{len(missing)} of {len(self._probe_names)} gated layers (e.g. {missing[0]}) did not run a training "
+            "forward with gradients in the first step, so neither the task nor the sparsity gradient reaches their "
+            "gates. Causes: a fused kernel that reads the base weight instead of calling the layer (a fused LM head "
+            "or fused MLP), a layer the model does not use, or MoE experts not routed in that batch. Exclude those "
+            "modules with GateConfig.exclude_modules or turn the fused path off."
+        )
+        if len(missing) == len(self._probe_names) and weight > 0:
+            raise RuntimeError("no gate is trained: " + message)
+        warnings.warn(message, stacklevel=2)
+
+    # -- metrics
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not self.log_metrics or logs is None or "loss" not in logs:
+            return
+        metrics = gate_metrics(self.trainer.model, self.adapter_name)
+        logs.update(metrics)
+        # Trainer.log appended a copy of `logs` to log_history just before calling us: complete it too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            last = state.log_history[-1]
+            if last.get("loss") == logs["loss"]:
+                last.update(metrics)
+
+
+def attach(
+    trainer: Trainer, adapter_name: str | None = None, *, log_metrics: bool = True
+) -> GateTrainerCallback:
+    """Make a ``Trainer``/``SFTTrainer`` apply the sparsity objective; the one line after building it.
+
+    Checks the set-up (:func:`check_trainer`), casts gate vectors back to fp32 if the trainer cast them
+    (SFTTrainer does for 4/8-bit models; the optimizer is built later, in ``train()``), and inserts a
+    :class:`GateTrainerCallback` first in ``trainer.callback_handler``. Calling it again replaces the
+    previous callback.
+
+    Example:
+        >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds, peft_config=GateConfig(...))
+        >>> peft_gates.training.attach(trainer)
+        >>> trainer.train()
+    """
+    for message in check_trainer(trainer, adapter_name):
+        warnings.warn(message, stacklevel=2)
+    gate_model = gate_model_of(trainer.model)
+    recast = _recast_gates_fp32(gate_model, _adapter(gate_model, adapter_name))
+    if recast:
+        logger.info("peft_gates: cast %d gate vectors back to fp32 (the trainer had cast them)", recast)
+    handler = trainer.callback_handler
+    handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, GateTrainerCallback)]
+    callback = GateTrainerCallback(trainer, adapter_name, log_metrics=log_metrics)
+    handler.callbacks.insert(0, callback)
+    return callback
+
+
+__all__ = [
+    "METRIC_KEYS",
+    "GateTrainerCallback",
+    "attach",
+    "check_trainer",
+    "current_loss_scale",
+    "find_gate_model",
+    "gate_metrics",
+    "gate_model_of",
+    "set_sparsity_step",
+]

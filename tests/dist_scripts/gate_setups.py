@@ -1,0 +1,164 @@
+"""One tiny Llama, one data set, one recipe: shared by tests/test_training.py and the distributed scripts.
+
+Every setup (single process, DDP x2, ZeRO-2/3 x2, gradient accumulation, checkpointing) trains the same
+model on the same global batches, so the per-step curves must agree. Sequences all have the same
+length and no padding, so the token-mean loss of a global batch does not depend on how it is split
+over ranks or micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+INTEGRATIONS = REPO / "integrations"
+SEQ_LEN = 12
+NUM_EXAMPLES = 32
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def token_rows(n: int = NUM_EXAMPLES, seq_len: int = SEQ_LEN, seed: int = 1) -> list[list[int]]:
+    """Learnable token rows: arithmetic progressions mod VOCAB with a random start and step."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        start = int(torch.randint(0, VOCAB, (1,), generator=gen))
+        step = int(torch.randint(1, 4, (1,), generator=gen))
+        rows.append([(start + i * step) % VOCAB for i in range(seq_len)])
+    return rows
+
+
+class RowsDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(self.rows[i])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def gate_config(**overrides: Any):
+    from peft_gates import GateConfig
+
+    kwargs: dict[str, Any] = dict(
+        target_modules="all-linear",
+        placement="both",
+        target_sparsity=0.5,
+        sparsity_weight=5.0,
+        noise_std=0.0,
+        init_mean=0.6,
+        init_std=0.3,
+    )
+    kwargs.update(overrides)
+    return GateConfig(**kwargs)
+
+
+def gated_model(seed: int = 0, **gate_overrides: Any):
+    from peft import get_peft_model
+
+    model = tiny_llama(seed)
+    torch.manual_seed(seed + 100)  # gate init draws
+    return get_peft_model(model, gate_config(**gate_overrides))
+
+
+def training_args(out_dir: str, **overrides: Any):
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=8,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        bf16=False,
+        fp16=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def gate_vectors(peft_model) -> dict[str, list[float]]:
+    """Full gate vectors by parameter name (gathers ZeRO-3 partitions; collective under ZeRO-3)."""
+    from peft_gates.training import _gathered
+
+    params = {n: p for n, p in peft_model.named_parameters() if "peft_gates_" in n}
+    with _gathered(params.values()):
+        return {n.replace("base_model.model.", ""): p.detach().float().flatten().tolist() for n, p in params.items()}
+
+
+def curves(trainer) -> dict[str, list[float]]:
+    """Per-step training curves from log_history (what every reporter saw)."""
+    keys = ("loss", "sparsity_loss", "sparsity_realized", "sparsity_lambda", "gates_fractional", "params_removable")
+    rows = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    return {k: [float(h[k]) for h in rows] for k in keys if all(k in h for h in rows)}
+
+
+def run(out_dir: str, model=None, **args_overrides: Any) -> dict[str, Any]:
+    """Train the tiny gated model with transformers.Trainer + attach; return curves and final gates."""
+    from transformers import Trainer
+
+    from peft_gates.training import attach
+
+    resume = args_overrides.pop("resume", None)
+    model = model if model is not None else gated_model()
+    args = training_args(out_dir, **args_overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=RowsDataset(token_rows()))
+    attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    return {"curves": curves(trainer), "gates": gate_vectors(trainer.model), "trainer": trainer}
+
+
+def dump(result: dict[str, Any], path: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(path).write_text(json.dumps({k: v for k, v in result.items() if k != "trainer"}))
+
+
+def setup_deepspeed_on_cpu() -> None:
+    """accelerate 1.15 sees one process under torchrun+DeepSpeed on CPU unless the state is pre-built."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+
+
+if __name__ == "__main__":  # pragma: no cover - manual smoke run
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gate_setups")["curves"], indent=1))

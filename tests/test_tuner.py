@@ -1,0 +1,165 @@
+"""The PEFT tuner: wrapping, identity at init, trainable parameters, adapters API, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import ENCODERS, FAMILIES, tiny_inputs, tiny_model
+
+import peft_gates
+from peft_gates import GateConfig
+from peft_gates.layer import GateLayer
+
+
+def _gate_params(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if "peft_gates_" in n}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("placement", ["both", "units"])
+def test_fresh_wrap_equals_base(family, placement):
+    base = tiny_model(family)
+    x = tiny_inputs()
+    with torch.no_grad():
+        ref = base(x).logits
+    kwargs = {"modules_to_save": ["classifier"]} if family in ENCODERS else {}
+    model = get_peft_model(base, GateConfig(placement=placement, **kwargs)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)
+    assert any(isinstance(m, GateLayer) for m in model.modules())
+
+
+def test_trainable_parameters_are_the_gates_only():
+    model = get_peft_model(tiny_model("llama"), GateConfig(target_modules="all-linear"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(_gate_params(model))
+    # rows + columns of every Linear but lm_head: 1/r of a rank-r LoRA on the same modules
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules="all-linear", r=1))
+    n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in _gate_params(model).values()) == n_lora
+
+
+def test_seq_cls_trains_head_through_modules_to_save():
+    model = get_peft_model(
+        tiny_model("bert"), GateConfig(task_type="SEQ_CLS", modules_to_save=["classifier"], bias="all")
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier" in n for n in trainable)
+    assert any(n.endswith(".bias") for n in trainable)
+    assert not any("word_embeddings" in n for n in trainable)
+
+
+def test_units_placement_targets_removable_units():
+    model = get_peft_model(tiny_model("llama"), GateConfig(placement="units"))
+    cfg = model.peft_config["default"]
+    assert cfg.target_modules == {"mlp.down_proj", "self_attn.o_proj"}
+    layer = model.base_model.model.model.layers[0]
+    # 4 heads / 2 KV heads, head_dim 8: one gate per KV group of 2 heads = 16 columns of o_proj
+    assert layer.self_attn.o_proj.peft_gates_col["default"].numel() == 2
+    assert layer.mlp.down_proj.peft_gates_col["default"].numel() == 48
+    assert "default" not in layer.mlp.down_proj.peft_gates_row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_base_keeps_fp32_gates(dtype):
+    base = tiny_model("llama").to(dtype)
+    model = get_peft_model(base, GateConfig())
+    assert all(p.dtype == torch.float32 for p in _gate_params(model).values())
+    model.train()
+    out = model(tiny_inputs(), labels=tiny_inputs())
+    assert out.logits.dtype == dtype
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in _gate_params(model).values())
+
+
+def test_multiple_adapters_set_disable_delete():
+    base = tiny_model("llama")
+    x = tiny_inputs()
+    with torch.no_grad():
+        ref = base(x).logits
+    model = get_peft_model(base, GateConfig(placement="rows"))
+    model.add_adapter("other", GateConfig(placement="rows"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("peft_gates_row.other"):
+                p[: p.numel() // 2] = -2.0
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref)  # "default" active, still open
+        model.set_adapter("other")
+        changed = model(x).logits
+        assert not torch.allclose(changed, ref)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x).logits, ref)
+        torch.testing.assert_close(model(x).logits, changed)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n in _gate_params(model) if n.endswith(".other")
+    }
+    model.delete_adapter("other")
+    assert not any(n.endswith(".other") for n in _gate_params(model))
+    assert "other" not in model.base_model.sparsity_coefficients
+
+
+def test_training_moves_toward_target_and_lambda_zero_closes_nothing():
+    """AdamW at lr 1e-2 for 120 steps: lambda=50 closes about half the gates, lambda=0 none."""
+    def run(weight: float):
+        torch.manual_seed(0)
+        model = get_peft_model(
+            tiny_model("llama"), GateConfig(placement="both", target_sparsity=0.5, sparsity_weight=weight)
+        )
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
+        x = tiny_inputs(batch=2, seq=8)
+        model.train()
+        for _ in range(120):
+            opt.zero_grad()
+            model(x, labels=x).loss.backward()
+            opt.step()
+        return peft_gates.gate_statistics(model, with_plan=False)
+
+    stats = run(50.0)
+    assert stats.realized_sparsity > 0.4  # target 0.5 of the open-probability mass
+    assert stats.sparsity_loss < 0.05
+    none = run(0.0)
+    assert none.closed_gates == 0
+
+
+def test_config_rejects_bad_values():
+    cases = {
+        "target_sparsity": 1.0,
+        "sparsity_weight": -1.0,
+        "init_std": -0.1,
+        "noise_std": -0.1,
+        "sigma": 0.0,
+        "placement": "diagonal",
+        "column_group_size": 0,
+        "sparsity_start_step": -3,
+        "bias": "lora_only",
+    }
+    for field, value in cases.items():
+        with pytest.raises(ValueError, match=f"GateConfig.{field}"):
+            GateConfig(**{field: value})
+
+
+def test_group_size_must_divide_in_features():
+    with pytest.raises(ValueError, match="column_group_size=5"):
+        get_peft_model(tiny_model("llama"), GateConfig(column_group_size={"o_proj": 5}))
+
+
+def test_target_modules_matching_nothing_or_non_linear():
+    with pytest.raises(ValueError, match="no_such_module"):
+        get_peft_model(tiny_model("llama"), GateConfig(target_modules=["no_such_module"]))
+    with pytest.raises(ValueError, match="embed_tokens.*Embedding"):
+        get_peft_model(tiny_model("llama"), GateConfig(target_modules=["embed_tokens"]))
+
+
+def test_units_placement_rejects_unknown_architecture_and_non_units():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(
+        OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4)
+    )
+    with pytest.raises(ValueError, match="model_type='opt'"):
+        get_peft_model(opt, GateConfig(placement="units"))
+    with pytest.raises(ValueError, match="q_proj"):
+        get_peft_model(tiny_model("llama"), GateConfig(placement="units", target_modules=["q_proj"]))
