@@ -40,8 +40,6 @@ from .layer import GateLayer, in_out_features
 #: while the same widths rounded to multiples of 128 ran 1.09-1.29x faster.
 DEFAULT_MULTIPLE_OF = 128
 
-_ADAPTER_MARKERS = (".modules_to_save.",)
-
 
 @dataclass
 class LayerPlan:
@@ -133,10 +131,14 @@ class PrunePlan:
         layers = []
         for layer in self.layers:
             entry = asdict(layer)
+            entry.update(
+                num_heads=layer.num_units * layer.heads_per_unit,
+                kept_intermediate_size=len(layer.kept_neurons),
+                kept_heads=layer.kept_heads,
+                kept_kv_heads=len(layer.kept_units),
+            )
             if not include_indices:
-                entry.pop("kept_neurons")
-                entry.pop("kept_units")
-            entry.update(layer.widths())
+                del entry["kept_neurons"], entry["kept_units"]
             layers.append(entry)
         return {
             "model_type": self.model_type,
@@ -669,7 +671,8 @@ def _count_parameters(model: nn.Module, prefix: str) -> int:
     seen: set[int] = set()
     total = 0
     for name, module in model.named_modules():
-        if any(marker in f".{name}." for marker in _ADAPTER_MARKERS):
+        parts = name.split(".")
+        if "modules_to_save" in parts or any(part.startswith(prefix) for part in parts):
             continue
         weight = getattr(module, "weight", None)
         quantized = (
@@ -678,7 +681,7 @@ def _count_parameters(model: nn.Module, prefix: str) -> int:
             and hasattr(module, "in_features")
         )
         for pname, param in module.named_parameters(recurse=False):
-            if pname.startswith(prefix) or id(param) in seen:
+            if id(param) in seen:
                 continue
             seen.add(id(param))
             if quantized and pname == "weight":

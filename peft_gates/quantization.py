@@ -109,9 +109,9 @@ def quantization_backend(module: nn.Module) -> str | None:
         if weight.dtype.is_floating_point and type(weight) in (torch.Tensor, nn.Parameter):
             return None
         return f"unknown ({type(module).__name__}, weight {type(weight).__name__} {weight.dtype})"
-    if any(hasattr(module, a) for a in ("qweight", "qzeros", "scales", "codes")):
+    if any(isinstance(getattr(module, a, None), torch.Tensor) for a in ("qweight", "qzeros", "codes", "W_q")):
         return f"unknown ({type(module).__name__}, packed qweight)"
-    return f"unknown ({type(module).__name__}, no float weight)"
+    return None  # no weight at all: a container or an activation, not a Linear
 
 
 def is_quantized_linear(module: nn.Module) -> bool:

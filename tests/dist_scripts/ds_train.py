@@ -1,0 +1,71 @@
+"""DeepSpeed ZeRO x2 on CPU: ``torchrun --nproc_per_node 2 ds_train.py OUT.json STAGE [gc|gc_reentrant] [ga2]``.
+
+Trains the tiny gated Llama (global batch 4) with the shipped integrations/deepspeed/zero{STAGE}.json
+(fp32, torch AdamW: DeepSpeed's own CPU optimizers JIT-compile ops) and writes curves and final
+gates to OUT.json. One configuration per process: DeepSpeed keeps global state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gate_setups as g  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out_json, stage, flags = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+    g.setup_deepspeed_on_cpu()
+    from transformers import Trainer
+
+    from peft_gates.training import attach, current_loss_scale
+
+    extra: dict = {}
+    if "gc" in flags or "gc_reentrant" in flags:
+        extra = dict(
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": "gc_reentrant" in flags},
+        )
+    per_device, ga = (1, 2) if "ga2" in flags else (2, 1)
+    try:
+        args = g.training_args(
+            str(Path(out_json).parent / f"ds{stage}"),
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=ga,
+            deepspeed=str(g.INTEGRATIONS / "deepspeed" / f"zero{stage}.json"),
+            accelerator_config={"use_configured_state": True},
+            **extra,
+        )
+        model = g.gated_model()
+        trainer = Trainer(model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()))
+        attach(trainer)
+        trainer.train()
+        engine = trainer.model_wrapped
+        partitioned = sum(
+            1 for n, p in trainer.model.named_parameters() if "peft_gates_" in n and p.numel() == 0
+        )
+        result = {
+            "curves": g.curves(trainer),
+            "gates": g.gate_vectors(trainer.model),
+            "engine": type(engine).__name__,
+            "zero_stage": engine.zero_optimization_stage(),
+            "world_size": trainer.accelerator.num_processes,
+            "loss_scale": current_loss_scale(trainer.accelerator, engine),
+            "partitioned_gate_vectors": partitioned,
+        }
+    except Exception:
+        result = {"error": traceback.format_exc()[-3000:]}
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out_json).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
