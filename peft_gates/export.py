@@ -99,7 +99,7 @@ def _make_twin(stock: type, config_class: type[PretrainedConfig]) -> type:
         (stock,),
         {
             "__module__": __name__,
-            "__doc__": f"{stock.__name__} whose blocks are cut to ``config.pruned_layers`` after construction.",
+            "__doc__": f"{stock.__name__} with its blocks cut to ``config.pruned_layers`` once built.",
             "__init__": __init__,
             "config_class": config_class,
         },
@@ -188,7 +188,9 @@ def _stock_config(model: nn.Module, intermediate: int, units: int) -> Pretrained
     data["architectures"] = [_stock_class(type(model)).__name__]
     try:
         config = CONFIG_MAPPING[_model_stock_type(model)].from_dict(data)
-    except Exception:  # validation errors differ by version (ValueError, huggingface_hub StrictDataclassError)
+    except (
+        Exception
+    ):  # validation errors differ by version (ValueError, huggingface_hub StrictDataclassError)
         return None
     got = attention_shape(spec, config)
     if (got.head_dim, got.heads_per_unit) != (shape.head_dim, shape.heads_per_unit):
@@ -218,8 +220,8 @@ def zero_pad_layout(model: nn.Module) -> tuple[dict[str, torch.Tensor], Pretrain
             break
     if config is None:
         raise ValueError(
-            f"no stock {_model_stock_type(model)} config accepts the padded widths (intermediate {intermediate}); "
-            "save with layout='per_layer'"
+            f"no stock {_model_stock_type(model)} config accepts the padded widths (intermediate "
+            f"{intermediate}); save with layout='per_layer'"
         )
     state = model.state_dict()
     blocks_name, blocks = find_blocks(model, spec)
@@ -227,7 +229,9 @@ def zero_pad_layout(model: nn.Module) -> tuple[dict[str, torch.Tensor], Pretrain
         now = AttentionShape(width["num_attention_heads"], width["num_key_value_heads"], shape.head_dim)
         neurons = _padded(width["intermediate_size"], intermediate)
         kept_units = _padded(width["num_key_value_heads"], units)
-        for name, (rows, columns) in block_indices(spec, now, width["intermediate_size"], neurons, kept_units).items():
+        for name, (rows, columns) in block_indices(
+            spec, now, width["intermediate_size"], neurons, kept_units
+        ).items():
             padded = rebuild_linear(block.get_submodule(name), rows, columns)
             for pname, param in padded.named_parameters():
                 state[f"{blocks_name}.{i}.{name}.{pname}"] = param.detach()
@@ -276,7 +280,9 @@ def save_pruned(
     if layout not in ("per_layer", "zero_pad"):
         raise ValueError(f"layout={layout!r} is invalid: use 'per_layer' or 'zero_pad'")
     if out.exists() and not _is_empty_dir(out) and not overwrite:
-        raise FileExistsError(f"out_dir={str(out)!r} exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(
+            f"out_dir={str(out)!r} exists and is not empty; pass overwrite=True to replace it"
+        )
     save_kwargs: dict[str, Any] = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         save_kwargs["safe_serialization"] = safe_serialization
@@ -326,4 +332,3 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         old.unlink()
-

@@ -171,9 +171,9 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _unit_rows(units: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
+def _unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
     """Row indices of the ``width``-wide blocks of ``units`` (a ``-1`` unit gives ``-1`` rows)."""
-    rows = units[:, None] * width + torch.arange(width) + offset
+    rows = units[:, None] * width + torch.arange(width)
     return torch.where(units[:, None] >= 0, rows, -1).reshape(-1)
 
 
@@ -188,9 +188,14 @@ def block_indices(
     ``unit_width`` block.
     """
     neuron_rows = torch.cat(
-        [torch.where(neurons >= 0, neurons + s * intermediate_size, -1) for s in range(spec.fused_mlp_segments)]
+        [
+            torch.where(neurons >= 0, neurons + s * intermediate_size, -1)
+            for s in range(spec.fused_mlp_segments)
+        ]
     )
-    out: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {name: (neuron_rows, None) for name in spec.mlp_rows}
+    out: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {
+        name: (neuron_rows, None) for name in spec.mlp_rows
+    }
     out[spec.mlp_out] = (None, neurons)
     q_rows = _unit_rows(units, shape.unit_width)
     kv_rows = _unit_rows(units, shape.head_dim)
@@ -252,12 +257,11 @@ def rebuild_linear(
     """A fresh ``nn.Linear`` / ``Conv1D`` holding ``Diag(z_row) W Diag(z_col)`` restricted to rows/columns.
 
     Gates fold in fp32 and the result is cast back to the layer's dtype; a row gate scales the bias
-    too (``y = ((x * z_c) W^T + b) * z_r``). Quantized layers come back dense in ``dtype``.
+    too (``y = ((x * z_c) W^T + b) * z_r``). Quantized layers come back dense in ``dtype`` (default:
+    their compute dtype); float layers keep theirs.
     Works on meta tensors (model construction inside ``from_pretrained``).
     """
     weight, bias = _dense_weight(module, dtype)
-    if dtype is not None and weight.dtype != dtype:
-        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     if z_row is not None or z_col is not None:
         folded = weight.float()
         if z_row is not None:
@@ -325,7 +329,7 @@ def _block_linears(spec: ArchSpec) -> tuple[str, ...]:
 
 
 def _attention_module(spec: ArchSpec) -> str:
-    """The module holding the attention math: parent of q / qkv (``self_attn``, ``attn``, ``attention.self``)."""
+    """The module doing the attention math: parent of q or qkv (``self_attn``, ``attention.self``)."""
     return _parent(spec.qkv or spec.q)
 
 
@@ -383,9 +387,13 @@ def resize_block(
     """
     current = block_widths(block, spec, shape.head_dim, shape.heads_per_unit)
     now = AttentionShape(
-        num_heads=current["num_attention_heads"], num_kv_heads=current["num_key_value_heads"], head_dim=shape.head_dim
+        num_heads=current["num_attention_heads"],
+        num_kv_heads=current["num_key_value_heads"],
+        head_dim=shape.head_dim,
     )
-    for name, (rows, columns) in block_indices(spec, now, current["intermediate_size"], neurons, units).items():
+    for name, (rows, columns) in block_indices(
+        spec, now, current["intermediate_size"], neurons, units
+    ).items():
         _replace(block, name, rebuild_linear(block.get_submodule(name), rows, columns, dtype=dtype))
     _set_runtime_sizes(block, spec, shape, len(neurons), len(units))
 
@@ -404,18 +412,22 @@ def block_widths(block: nn.Module, spec: ArchSpec, head_dim: int, heads_per_unit
     else:
         kv = size(spec.v)[1] // head_dim
     if heads != kv * heads_per_unit:
-        raise ValueError(f"block has {heads} heads and {kv} KV heads, not {heads_per_unit} query heads per KV head")
+        raise ValueError(
+            f"block has {heads} heads and {kv} KV heads, not {heads_per_unit} query heads per KV head"
+        )
     return {"intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": kv}
 
 
 def model_spec(model: nn.Module) -> tuple[ArchSpec, AttentionShape]:
     """Table entry and (original) head layout of a transformers model of a supported family."""
-    config = _root_config(model.config)
+    config = model.config
     spec = arch_spec(config.model_type)
     if spec is None:
         spec = arch_spec(getattr(type(config), "stock_model_type", None))
     if spec is None:
-        raise ValueError(f"model_type={config.model_type!r} has no entry in peft_gates.architectures.ARCHITECTURES")
+        raise ValueError(
+            f"model_type={config.model_type!r} has no entry in peft_gates.architectures.ARCHITECTURES"
+        )
     return spec, attention_shape(spec, config)
 
 
@@ -471,27 +483,29 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor, op) -> torch.Tensor:
 
 
 def _read_gates(layer: GateLayer, adapters: Iterable[str], skip_merged: bool = False) -> _Gates:
-    """Gate values of ``adapters`` on ``layer``; ``skip_merged`` leaves out adapters already folded in place."""
+    """Gate values of ``adapters`` on ``layer``; ``skip_merged`` leaves out adapters already folded in.
+
+    Adapters already merged in place still count for the plan (their zeros are in the weights) but
+    must not be folded a second time.
+    """
     out = _Gates()
     for name in adapters:
         vectors = layer.gate_vectors(name)
         if not vectors or (skip_merged and name in layer.merged_adapters):
             continue
         for side, theta in vectors.items():
-            openness = torch.tanh(theta.detach().float().cpu()) + gates.OPEN_OFFSET
+            theta = theta.detach().float().cpu()
             if side == "columns":
-                openness = openness.repeat_interleave(layer.column_group[name])
-            value = gates.eval_value(theta.detach().float().cpu())
-            if side == "columns":
-                value = value.repeat_interleave(layer.column_group[name])
+                theta = theta.repeat_interleave(layer.column_group[name])
+            value = gates.eval_value(theta)
             if not torch.isfinite(value).all():
-                raise ValueError(f"adapter {name!r} has non-finite gate values; the gates cannot be folded")
-            if side == "rows":
-                out.z_row = _combine(out.z_row, value, torch.mul)
-                out.open_row = _combine(out.open_row, openness, torch.minimum)
-            else:
-                out.z_col = _combine(out.z_col, value, torch.mul)
-                out.open_col = _combine(out.open_col, openness, torch.minimum)
+                raise ValueError(
+                    f"adapter {name!r} has non-finite gate values on a layer; they cannot be folded"
+                )
+            openness = torch.tanh(theta) + gates.OPEN_OFFSET
+            key = "row" if side == "rows" else "col"
+            setattr(out, f"z_{key}", _combine(getattr(out, f"z_{key}"), value, torch.mul))
+            setattr(out, f"open_{key}", _combine(getattr(out, f"open_{key}"), openness, torch.minimum))
     return out
 
 
@@ -502,8 +516,8 @@ def _tuner(model: nn.Module) -> BaseTuner:
     tuner = model.base_model if isinstance(model, PeftModel) else model
     if not isinstance(tuner, BaseTuner):
         raise TypeError(
-            f"expected a PeftModel or GateModel with gate adapters, got {type(model).__name__}; wrap the model "
-            "with peft.get_peft_model(model, peft_gates.GateConfig(...)) first"
+            f"expected a PeftModel or GateModel with gate adapters, got {type(model).__name__}; wrap the "
+            "model with peft.get_peft_model(model, peft_gates.GateConfig(...)) first"
         )
     if not isinstance(tuner, GateModel):
         types = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in tuner.peft_config.values()})
@@ -513,10 +527,10 @@ def _tuner(model: nn.Module) -> BaseTuner:
         )
     for name, module in tuner.model.named_modules():
         if isinstance(module, BaseTunerLayer) and not isinstance(module, GateLayer):
+            kind = f"{type(module).__module__}.{type(module).__name__}"
             raise ValueError(
-                f"module {name!r} carries an unmerged {type(module).__module__}.{type(module).__name__} adapter; "
-                "merge it into the base model (merge_and_unload()) before adding gates, since pruning would "
-                "drop it"
+                f"module {name!r} carries an unmerged {kind} adapter; merge it into the base model "
+                "(merge_and_unload()) before adding gates, since pruning would drop it"
             )
     return tuner
 
@@ -555,7 +569,11 @@ def _check_sizes(multiple_of: int, min_units: int) -> None:
 def _activation_zero_is_zero(config: Any) -> bool:
     """Whether a closed MLP input row (pre-activation exactly 0) contributes nothing: ``act(0) == 0``."""
     name = next(
-        (getattr(config, a) for a in ("hidden_act", "hidden_activation", "activation_function") if getattr(config, a, None)),
+        (
+            getattr(config, a)
+            for a in ("hidden_act", "hidden_activation", "activation_function")
+            if getattr(config, a, None)
+        ),
         None,
     )
     if not isinstance(name, str) or name not in ACT2FN:
@@ -599,7 +617,9 @@ def _plan_block(
         for name in spec.mlp_rows:
             g = block_gates.get(name)
             if g is not None and g.open_row is not None:
-                neuron_open = torch.minimum(neuron_open, g.open_row.view(spec.fused_mlp_segments, width).amin(0))
+                neuron_open = torch.minimum(
+                    neuron_open, g.open_row.view(spec.fused_mlp_segments, width).amin(0)
+                )
     g = block_gates.get(spec.mlp_out)
     if g is not None and g.open_col is not None:
         neuron_open = torch.minimum(neuron_open, g.open_col)
@@ -628,7 +648,11 @@ def _plan_block(
     kept_units = _keep_top(unit_open, max(units - closed_units, min(min_units, units)))
 
     indices = block_indices(
-        spec, shape, width, torch.tensor(kept_neurons, dtype=torch.long), torch.tensor(kept_units, dtype=torch.long)
+        spec,
+        shape,
+        width,
+        torch.tensor(kept_neurons, dtype=torch.long),
+        torch.tensor(kept_units, dtype=torch.long),
     )
     params_before = params_after = 0
     zeroed: dict[str, dict[str, int]] = {}
@@ -741,7 +765,9 @@ def plan_pruning(
                 if qualified in all_gates:
                     block_gates[name] = all_gates[qualified]
                     in_blocks.add(qualified)
-            layers.append(_plan_block(i, block, block_gates, spec, shape, multiple_of, min_units, seq_len, act_zero_ok))
+            layers.append(
+                _plan_block(i, block, block_gates, spec, shape, multiple_of, min_units, seq_len, act_zero_ok)
+            )
     other = {}
     for name, g in all_gates.items():
         if name in in_blocks:
@@ -807,9 +833,9 @@ def prune_and_unload(
     model = tuner.unload()
     if not plan.supported:
         warnings.warn(
-            f"model_type={plan.model_type!r} has no ArchSpec entry in peft_gates.architectures.ARCHITECTURES: "
-            "gates were folded (closed rows/columns stay as zeros) but nothing was removed; add an entry "
-            "to prune this family",
+            f"model_type={plan.model_type!r} has no ArchSpec entry in "
+            "peft_gates.architectures.ARCHITECTURES: gates were folded (closed rows/columns stay as zeros) "
+            "but nothing was removed; add an entry to prune this family",
             stacklevel=2,
         )
         return model
@@ -830,4 +856,3 @@ def prune_and_unload(
 
     adopt_pruned_config(model, plan.widths())
     return model
-

@@ -55,7 +55,10 @@ def report_markdown(plan: PrunePlan) -> str:
         "",
     ]
     if not data["supported"]:
-        lines += [f"model_type {data['model_type']!r} has no ArchSpec entry: gates folded, nothing removed.", ""]
+        lines += [
+            f"model_type {data['model_type']!r} has no ArchSpec entry: gates folded, nothing removed.",
+            "",
+        ]
     lines += [
         "| layer | neurons kept | heads kept (kv) | params before | params after "
         "| FLOPs/token before | FLOPs/token after | zeroed, not removable (rows r / columns c) |",
@@ -64,7 +67,8 @@ def report_markdown(plan: PrunePlan) -> str:
     for layer in data["layers"]:
         lines.append(
             f"| {layer['index']} | {layer['kept_intermediate_size']} of {layer['intermediate_size']} "
-            f"| {layer['kept_heads']} ({layer['kept_kv_heads']}) of {layer['num_heads']} ({layer['num_units']}) "
+            f"| {layer['kept_heads']} ({layer['kept_kv_heads']}) "
+            f"of {layer['num_heads']} ({layer['num_units']}) "
             f"| {layer['params_before']:,} | {layer['params_after']:,} "
             f"| {layer['flops_before']:,} | {layer['flops_after']:,} | {_zeroed_text(layer['zeroed'])} |"
         )
@@ -85,29 +89,30 @@ def report_markdown(plan: PrunePlan) -> str:
 
 
 def plot_kept_fraction(plan: PrunePlan, path: str | os.PathLike) -> Path:
-    """PNG of the kept fraction of MLP neurons and attention heads per block (matplotlib, Agg)."""
-    import matplotlib
+    """PNG of the kept fraction of MLP neurons and attention heads per block.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Draws on a bare Agg canvas instead of pyplot, so it neither needs a display nor changes the
+    caller's matplotlib backend; matplotlib is imported only here (optional dependency).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     index = [layer.index for layer in plan.layers]
     mlp = [len(layer.kept_neurons) / layer.intermediate_size for layer in plan.layers]
     attn = [len(layer.kept_units) / layer.num_units for layer in plan.layers]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(index) + 2), 3.2))
-    try:
-        width = 0.4
-        ax.bar([i - width / 2 for i in index], mlp, width, label="MLP neurons")
-        ax.bar([i + width / 2 for i in index], attn, width, label="attention heads")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("kept fraction")
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{plan.model_type}: kept per layer (multiple_of={plan.multiple_of})")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(max(4.0, 0.25 * len(index) + 2), 3.2))
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.4
+    ax.bar([i - width / 2 for i in index], mlp, width, label="MLP neurons")
+    ax.bar([i + width / 2 for i in index], attn, width, label="attention heads")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept fraction")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{plan.model_type}: kept per layer (multiple_of={plan.multiple_of})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    canvas.print_png(str(path))
     return Path(path)
 
 
