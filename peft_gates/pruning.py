@@ -241,8 +241,12 @@ def _dense_weight(module: nn.Module, dtype: torch.dtype | None) -> tuple[torch.T
             "or load the base model unquantized before pruning"
         ) from err
     weight = dequantize_weight(module)
-    target = dtype or getattr(module, "compute_dtype", None) or weight.dtype
     bias = getattr(module, "bias", None)
+    # The stored weight dtype (uint8/int8) means nothing here; the bias, when present, is kept in the
+    # dtype the rest of the model runs in.
+    target = (
+        dtype or getattr(module, "compute_dtype", None) or (bias.dtype if bias is not None else weight.dtype)
+    )
     return weight.detach().to(target), None if bias is None else bias.detach().to(target)
 
 
@@ -820,16 +824,18 @@ def prune_and_unload(
         peft_model: ``PeftModel`` / ``GateModel`` with gate adapters and no other (unmerged) adapters.
         adapter_name, multiple_of, min_units: as in :func:`plan_pruning`.
         progressbar: show progress over layers.
-        dtype: dtype of layers rebuilt from quantized (bitsandbytes) bases; default their compute dtype.
+        dtype: dtype of layers rebuilt from quantized (bitsandbytes) bases; default: their compute
+            dtype, else their bias dtype, else fp32. Float layers keep their dtype.
     """
     plan = plan_pruning(peft_model, adapter_name, multiple_of=multiple_of, min_units=min_units)
     tuner = _tuner(peft_model)
-    gated = [(n, m) for n, m in tuner.model.named_modules() if isinstance(m, GateLayer)]
-    for _, layer in tqdm(gated, disable=not progressbar, desc="Folding gates"):
+    gated = [m for m in tuner.model.modules() if isinstance(m, GateLayer)]
+    for layer in tqdm(gated, disable=not progressbar, desc="Folding gates"):
         g = _read_gates(layer, plan.adapter_names, skip_merged=True)
-        base = layer.get_base_layer()
-        folded = rebuild_linear(base, z_row=g.z_row, z_col=g.z_col, dtype=dtype)
-        layer.base_layer = folded
+        if g.z_row is not None or g.z_col is not None:
+            layer.base_layer = rebuild_linear(
+                layer.get_base_layer(), z_row=g.z_row, z_col=g.z_col, dtype=dtype
+            )
     model = tuner.unload()
     if not plan.supported:
         warnings.warn(

@@ -430,3 +430,24 @@ def test_quantized_base_without_the_quantization_module_is_a_clear_error(monkeyp
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prune_and_unload(peft_model, multiple_of=1)
+
+
+def test_bitsandbytes_4bit_base_prunes_exactly(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from peft_gates.quantization import prepare_quantized_for_gates
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, device_map="cpu", dtype=torch.float32
+    )
+    peft_model = get_peft_model(prepare_quantized_for_gates(base), peft_gates.GateConfig(placement="units"))
+    expected = set_gates(peft_model, "units")
+    x = inputs()
+    reference = logits(peft_model.eval(), x)
+    plan = plan_pruning(peft_model, multiple_of=1)
+    pruned = prune_and_unload(peft_model, multiple_of=1)
+    assert [(layer.kept_neurons, layer.kept_units) for layer in plan.layers] == expected
+    assert all(type(m) is nn.Linear for m in pruned.model.layers.modules() if isinstance(m, nn.Linear))
+    assert n_params(pruned) == plan.params_total_after
+    assert_close(logits(pruned, x), reference)
