@@ -18,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -363,6 +364,35 @@ def peak_rss_mib() -> float:
     """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+class RssSampler:
+    """Highest RSS seen by a 2 ms polling thread: a CPU peak for one window, which ``getrusage`` cannot give.
+
+    Use: ``with RssSampler() as s: work()`` then ``s.peak`` (MiB). Peaks shorter than the interval can be
+    missed; activations live through a whole backward pass, far longer.
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = rss_mib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
 
 
 def reset_cuda_peak(device: torch.device | str) -> None:

@@ -23,8 +23,6 @@ speed does not depend on their values) in bf16.
 from __future__ import annotations
 
 import argparse
-import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,31 +119,6 @@ def wrap(method: str, model: torch.nn.Module, lora_r: int) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-class RssSampler:
-    """Highest RSS seen by a 2 ms polling thread: a CPU peak for a window, which ``getrusage`` cannot give."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, common.rss_mib())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self.peak = common.rss_mib()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, common.rss_mib())
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one method in this (fresh) process."""
     from peft_gates.training import find_gate_model
@@ -184,7 +157,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     common.synchronize(device)
     rss_before = common.rss_mib()
     common.reset_cuda_peak(device)
-    with RssSampler() as sampler:
+    with common.RssSampler() as sampler:
         timing = common.time_call(step, repeats=args.steps, warmup=0, device=device)
     return {
         "method": args.worker,
