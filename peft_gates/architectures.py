@@ -131,9 +131,17 @@ class AttentionShape:
         return self.heads_per_unit * self.head_dim
 
 
+#: model_type suffix of pruned exports with per-layer widths (``"llama_pruned"``, see peft_gates.export).
+PRUNED_SUFFIX = "_pruned"
+
+
 def arch_spec(model_type: str | None) -> ArchSpec | None:
-    """The table entry for ``model_type`` (None for families the merge cannot cut yet)."""
-    return ARCHITECTURES.get(model_type or "")
+    """The table entry for ``model_type`` (None for families the merge cannot cut yet).
+
+    A pruned export (``"<family>_pruned"``) maps to its family, so a pruned model can be gated and
+    pruned again.
+    """
+    return ARCHITECTURES.get((model_type or "").removesuffix(PRUNED_SUFFIX))
 
 
 def attention_shape(spec: ArchSpec, config) -> AttentionShape:

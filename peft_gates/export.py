@@ -35,7 +35,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .architectures import ARCHITECTURES, AttentionShape, attention_shape
+from .architectures import ARCHITECTURES, PRUNED_SUFFIX, AttentionShape, attention_shape
 from .pruning import (
     LayerConfigView,
     PrunePlan,
@@ -48,7 +48,6 @@ from .pruning import (
     rebuild_linear,
 )
 
-PRUNED_SUFFIX = "_pruned"
 Layout = Literal["per_layer", "zero_pad"]
 
 #: Auto classes the per-layer twins register with: (Auto class, its model_type -> class name table).

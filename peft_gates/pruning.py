@@ -387,17 +387,11 @@ def resize_block(
 ) -> None:
     """Keep ``neurons`` and ``units`` of ``block`` (``-1`` = a zero neuron/unit), in place.
 
-    ``shape`` is the block's current head layout with ``num_heads``/``num_kv_heads`` as they are now.
+    ``shape`` is the model's head layout (head_dim, heads per unit); the block's current widths are
+    read from its Linears, so an already pruned block can be cut again.
     """
-    current = block_widths(block, spec, shape.head_dim, shape.heads_per_unit)
-    now = AttentionShape(
-        num_heads=current["num_attention_heads"],
-        num_kv_heads=current["num_key_value_heads"],
-        head_dim=shape.head_dim,
-    )
-    for name, (rows, columns) in block_indices(
-        spec, now, current["intermediate_size"], neurons, units
-    ).items():
+    width, now = _current_shape(block, spec, shape)
+    for name, (rows, columns) in block_indices(spec, now, width, neurons, units).items():
         _replace(block, name, rebuild_linear(block.get_submodule(name), rows, columns, dtype=dtype))
     _set_runtime_sizes(block, spec, shape, len(neurons), len(units))
 
@@ -422,12 +416,17 @@ def block_widths(block: nn.Module, spec: ArchSpec, head_dim: int, heads_per_unit
     return {"intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": kv}
 
 
+def _current_shape(block: nn.Module, spec: ArchSpec, shape: AttentionShape) -> tuple[int, AttentionShape]:
+    """MLP width and head layout of ``block`` as it is now (``shape``: the model's original layout)."""
+    current = block_widths(block, spec, shape.head_dim, shape.heads_per_unit)
+    now = AttentionShape(current["num_attention_heads"], current["num_key_value_heads"], shape.head_dim)
+    return current["intermediate_size"], now
+
+
 def model_spec(model: nn.Module) -> tuple[ArchSpec, AttentionShape]:
     """Table entry and (original) head layout of a transformers model of a supported family."""
     config = model.config
     spec = arch_spec(config.model_type)
-    if spec is None:
-        spec = arch_spec(getattr(type(config), "stock_model_type", None))
     if spec is None:
         raise ValueError(
             f"model_type={config.model_type!r} has no entry in peft_gates.architectures.ARCHITECTURES"
@@ -613,10 +612,8 @@ def _plan_block(
     seq_len: int,
     act_zero_ok: bool,
 ) -> LayerPlan:
-    width = block_widths(block, spec, shape.head_dim, shape.heads_per_unit)["intermediate_size"]
-    inf = torch.full((width,), math.inf)
-
-    neuron_open = inf.clone()
+    width, shape = _current_shape(block, spec, shape)
+    neuron_open = torch.full((width,), math.inf)
     if act_zero_ok:
         for name in spec.mlp_rows:
             g = block_gates.get(name)

@@ -451,3 +451,20 @@ def test_bitsandbytes_4bit_base_prunes_exactly(tmp_path) -> None:
     assert all(type(m) is nn.Linear for m in pruned.model.layers.modules() if isinstance(m, nn.Linear))
     assert n_params(pruned) == plan.params_total_after
     assert_close(logits(pruned, x), reference)
+
+
+def test_a_pruned_model_can_be_gated_and_pruned_again(tmp_path) -> None:
+    peft_model, _ = gated_model("llama", "units")
+    first = prune_and_unload(peft_model, multiple_of=1)
+    again = get_peft_model(first, peft_gates.GateConfig(placement="units")).eval()
+    with torch.no_grad():
+        again.base_model.model.model.layers[0].mlp.down_proj.peft_gates_col["default"][:4] = CLOSED
+    x = inputs()
+    reference = logits(again, x)
+    plan = plan_pruning(again, multiple_of=1)
+    assert plan.layers[0].intermediate_size == 32 and len(plan.layers[0].kept_neurons) == 28
+    assert plan.layers[1].num_units == 1 and plan.layers[1].kept_units == [0]
+    second = prune_and_unload(again, multiple_of=1)
+    assert_close(logits(second, x), reference)
+    assert n_params(second) == plan.params_total_after
+    assert [w["intermediate_size"] for w in second.config.pruned_layers] == [28, 1]
