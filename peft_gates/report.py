@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +118,26 @@ def plot_kept_fraction(plan: PrunePlan, path: str | os.PathLike) -> Path:
 
 
 def write_report(plan: PrunePlan, out_dir: str | os.PathLike, stem: str = REPORT_STEM) -> list[Path]:
-    """Write ``<stem>.json``, ``<stem>.md`` and (for supported families) ``<stem>.png`` into ``out_dir``."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``.
+
+    The PNG needs matplotlib (optional) and a supported family (per-layer figures); without them the
+    text reports are still written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
     paths[0].write_text(json.dumps(report_dict(plan), indent=2) + "\n")
     paths[1].write_text(report_markdown(plan))
-    if plan.layers:
-        paths.append(plot_kept_fraction(plan, out / f"{stem}.png"))
+    if not plan.layers:
+        return paths
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn(
+            "matplotlib is not installed, so the compression report has no PNG plot; "
+            "pip install 'peft-gates[report]' to get it",
+            stacklevel=2,
+        )
+        return paths
+    paths.append(plot_kept_fraction(plan, out / f"{stem}.png"))
     return paths

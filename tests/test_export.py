@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,11 @@ def test_reloaded_per_layer_model_exports_again_as_zero_pad(tmp_path: Path) -> N
     save_pruned(reloaded, tmp_path / "b", layout="zero_pad")
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
     assert_close(logits(stock, inputs()), reference)
+
+
+def test_report_without_matplotlib_still_writes_text(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    peft_model, _ = gated_model("gpt2", "units")
+    with pytest.warns(UserWarning, match="matplotlib"):
+        paths = write_report(plan_pruning(peft_model, multiple_of=1), tmp_path)
+    assert [p.name for p in paths] == ["compression_report.json", "compression_report.md"]
