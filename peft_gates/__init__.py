@@ -6,11 +6,28 @@
 
 from ._registration import register
 from .config import GateConfig, GatePeftType
+from .export import register_pruned_architectures, save_pruned
 from .layer import GateLayer
 from .model import GateModel
+from .pruning import DEFAULT_MULTIPLE_OF, PrunePlan, plan_pruning, prune_and_unload
+from .report import write_report
 from .stats import GateStats, gate_statistics
 
 register()
+register_pruned_architectures()
 
-__all__ = ["GateConfig", "GateLayer", "GateModel", "GatePeftType", "GateStats", "gate_statistics"]
+__all__ = [
+    "DEFAULT_MULTIPLE_OF",
+    "GateConfig",
+    "GateLayer",
+    "GateModel",
+    "GatePeftType",
+    "GateStats",
+    "PrunePlan",
+    "gate_statistics",
+    "plan_pruning",
+    "prune_and_unload",
+    "save_pruned",
+    "write_report",
+]
 __version__ = "0.1.0"

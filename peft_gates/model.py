@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -11,6 +12,7 @@ from .architectures import arch_spec, attention_shape
 from .config import GateConfig
 from .gates import SparsityCoefficient
 from .layer import GateLayer, Linear, in_out_features
+from .pruning import DEFAULT_MULTIPLE_OF
 
 
 class GateModel(BaseTuner):
@@ -106,6 +108,41 @@ class GateModel(BaseTuner):
             for name, module in self.model.named_modules()
             if isinstance(module, GateLayer) and module.gate_vectors(adapter_name)
         }
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        multiple_of: int = DEFAULT_MULTIPLE_OF,
+        min_units: int = 1,
+        dtype: torch.dtype | None = None,
+    ) -> nn.Module:
+        """The pruning merge: fold the gates, cut closed neurons and heads, return a smaller plain model.
+
+        Kept MLP widths are rounded up to ``multiple_of`` (odd widths make GPUs slower than dense);
+        at least ``min_units`` attention units and neurons stay in every layer. Gate values are always
+        checked for being finite, so ``safe_merge`` adds nothing. Quantized bases are dequantized into a
+        dense model of ``dtype`` (default: the base's compute dtype).
+        """
+        from .pruning import prune_and_unload
+
+        return prune_and_unload(
+            self,
+            adapter_name=adapter_names,
+            multiple_of=multiple_of,
+            min_units=min_units,
+            progressbar=progressbar,
+            dtype=dtype,
+        )
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # On unload BaseTuner copies child.weight onto the unwrapped module; a modules_to_save head without
+        # .weight (RobertaClassificationHead) would raise AttributeError there.
+        if not isinstance(new_module, GateLayer) and not hasattr(new_module, "base_layer"):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -184,8 +184,9 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
     if with_plan:
         from .pruning import plan_pruning
 
-        with contextlib.suppress(NotImplementedError):
-            stats.removable_parameters = plan_pruning(model, adapter_name).removed_parameters
+        plan = plan_pruning(model, adapter_name)
+        if plan.supported:
+            stats.removable_parameters = plan.params_removed
     return stats
 
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn import functional as F
 
@@ -24,7 +23,6 @@ import peft_gates
 from peft_gates.architectures import ARCHITECTURES, attention_shape, find_blocks
 from peft_gates.export import register_pruned_architectures
 from peft_gates.layer import GateLayer
-from peft_gates.model import GateModel
 from peft_gates.pruning import DEFAULT_MULTIPLE_OF, layer_widths, plan_pruning, prune_and_unload
 
 register_pruned_architectures()
@@ -187,18 +185,8 @@ def test_pruned_model_is_exact_and_smaller(model_type: str, placement: str) -> N
         assert zeroed[spec.attn_out]["rows"] == 2
 
 
-# PEFT's BaseTuner._replace_module copies ``child.weight`` onto every unloaded module, which fails for a
-# modules_to_save head without ``.weight`` (RobertaClassificationHead); GateModel must override it.
-NEEDS_REPLACE_OVERRIDE = pytest.mark.xfail(
-    GateModel._replace_module is BaseTuner._replace_module,
-    reason="GateModel._replace_module override not added yet (see peft_gates/model.py)",
-    raises=AttributeError,
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
-    "model_type", ["bert", pytest.param("roberta", marks=NEEDS_REPLACE_OVERRIDE), "llama"]
+    "model_type", ["bert", "roberta", "llama"]
 )
 def test_sequence_classification_keeps_trained_head(model_type: str) -> None:
     peft_model, _ = gated_model(model_type, "units", task="seq_cls")
@@ -293,10 +281,6 @@ def test_second_adapter_by_name() -> None:
     assert_close(logits(prune_and_unload(peft_model, adapter_name="other", multiple_of=1), x), reference)
 
 
-@pytest.mark.skipif(
-    GateModel.merge_and_unload is BaseTuner.merge_and_unload,
-    reason="GateModel.merge_and_unload does not call prune_and_unload yet",
-)
 def test_merge_and_unload_is_the_pruning_merge() -> None:
     peft_model, expected = gated_model("qwen2", "units")
     x = inputs()

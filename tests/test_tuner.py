@@ -103,13 +103,14 @@ def test_multiple_adapters_set_disable_delete():
 
 def test_training_moves_toward_target_and_lambda_zero_closes_nothing():
     """AdamW at lr 1e-2 for 120 steps: lambda=50 closes about half the gates, lambda=0 none."""
+
     def run(weight: float):
         torch.manual_seed(0)
         model = get_peft_model(
             tiny_model("llama"), GateConfig(placement="both", target_sparsity=0.5, sparsity_weight=weight)
         )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-        x = tiny_inputs(batch=2, seq=8)
+        x = tiny_inputs(batch=4, seq=12)
         model.train()
         for _ in range(120):
             opt.zero_grad()

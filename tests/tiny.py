@@ -8,7 +8,12 @@ import transformers as tf
 VOCAB = 96
 
 _COMMON = dict(
-    vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1
+    vocab_size=VOCAB,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=1,
 )
 _DECODER = dict(**_COMMON, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
 
@@ -21,7 +26,10 @@ CONFIGS: dict[str, tuple[type, dict]] = {
     "gemma2": (tf.Gemma2Config, dict(_DECODER, head_dim=8)),
     "gemma3_text": (tf.Gemma3TextConfig, dict(_DECODER, head_dim=8)),
     "phi3": (tf.Phi3Config, _DECODER),
-    "gpt2": (tf.GPT2Config, dict(vocab_size=VOCAB, n_layer=2, n_embd=32, n_head=4, n_positions=64, pad_token_id=0)),
+    "gpt2": (
+        tf.GPT2Config,
+        dict(vocab_size=VOCAB, n_layer=2, n_embd=32, n_head=4, n_positions=64, pad_token_id=0),
+    ),
     "bert": (tf.BertConfig, dict(_COMMON, hidden_size=32, intermediate_size=48, num_attention_heads=4)),
     "roberta": (
         tf.RobertaConfig,
