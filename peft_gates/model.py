@@ -58,8 +58,9 @@ class GateModel(BaseTuner):
             chosen = {u for u in units if any(u == n or u.endswith("." + n) or n.endswith(u) for n in names)}
             if not chosen or len(chosen) != len(names):
                 raise ValueError(
-                    f"GateConfig.target_modules={sorted(names)} with placement='units' must name unit outputs of "
-                    f"{model_type}: {sorted(units)} (MLP neurons, attention heads), or be None for both"
+                    f"GateConfig.target_modules={sorted(names)} with placement='units' must name unit "
+                    f"outputs of {model_type}: {sorted(units)} (MLP neurons, attention heads), "
+                    "or be None for both"
                 )
         shape = attention_shape(spec, SimpleNamespace(**model_config))
         peft_config.target_modules = chosen

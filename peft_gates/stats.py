@@ -107,8 +107,8 @@ class GateStats:
         lines = [
             f"adapter {self.adapter_name!r}: {self.num_gates} gates in {len(self.layers)} layers",
             f"  closed {self.closed_gates} ({100 * self.realized_sparsity:.1f}%, target "
-            f"{100 * self.target_sparsity:.0f}% of open probability mass), fractional {self.fractional_gates} "
-            f"({100 * self.fractional_fraction:.1f}%)",
+            f"{100 * self.target_sparsity:.0f}% of open probability mass), "
+            f"fractional {self.fractional_gates} ({100 * self.fractional_fraction:.1f}%)",
             f"  sparsity loss {self.sparsity_loss:.4f}",
         ]
         if self.removable_parameters is not None:

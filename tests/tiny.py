@@ -46,7 +46,7 @@ def tiny_config(family: str, **overrides):
 
 
 def tiny_model(family: str, task: str = "causal", seed: int = 0, **overrides):
-    """A tiny model in eval mode: causal LM for decoders, sequence classifier for encoders or ``task='seq_cls'``."""
+    """A tiny model in eval mode: a causal LM, or a classifier for encoders and ``task='seq_cls'``."""
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
     if task == "seq_cls" or family in ENCODERS:
