@@ -16,31 +16,35 @@ Metrics (added to the Trainer's logs, ``state.log_history`` and every reporter):
 (the unweighted regularizer, mean over gated layers of ``|mean p - keep|``), ``sparsity_lambda`` (lambda
 applied in the last step), ``sparsity_realized`` (fraction of gates whose eval value is exactly 0),
 ``gates_fractional`` (fraction strictly between 0 and 1: learned scales) and ``params_removable``
-(weight and bias entries zeroed by closed gates now).
+(parameters in the MLP neurons and attention units that the pruning merge would remove now).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
-from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from . import gates
 from .layer import GateLayer
 from .model import GateModel
+from .stats import gate_statistics, gathered
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS = ("sparsity_loss", "sparsity_lambda", "sparsity_realized", "gates_fractional", "params_removable")
+METRIC_KEYS = (
+    "sparsity_loss",
+    "sparsity_lambda",
+    "sparsity_realized",
+    "gates_fractional",
+    "params_removable",
+)
 
 
 # --------------------------------------------------------------------------------------------- model access
@@ -80,68 +84,45 @@ def _adapter(gate_model: GateModel, adapter_name: str | None) -> str:
 
 
 def _gate_parameters(gate_model: GateModel, adapter_name: str) -> list[nn.Parameter]:
-    return [p for layer in gate_model.gated_layers(adapter_name).values() for p in layer.gate_vectors(adapter_name).values()]
-
-
-@contextlib.contextmanager
-def _gathered(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Gather ZeRO-3 partitioned parameters (a collective: every rank must enter); a no-op otherwise."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
+    return [
+        p
+        for layer in gate_model.gated_layers(adapter_name).values()
+        for p in layer.gate_vectors(adapter_name).values()
+    ]
 
 
 # --------------------------------------------------------------------------------------------- metrics
 
 
 @torch.no_grad()
-def gate_metrics(model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
-    """Sparsity metrics of the gates of ``adapter_name`` now (see the module docstring for the keys).
+def gate_metrics(
+    model: nn.Module, adapter_name: str | None = None, removable_multiple_of: int | None = 1
+) -> dict[str, float]:
+    """Sparsity metrics of the gates of ``adapter_name`` now (keys: :data:`METRIC_KEYS`).
 
-    Gathers ZeRO-3 partitioned gate vectors, so under ZeRO-3 every rank must call it together.
-    ``params_removable`` counts weight/bias entries of gated layers that closed gates zero; it is an
-    upper bound of what the pruning merge removes, which only removes whole units.
+    ``params_removable`` is what the pruning merge would remove now (whole MLP neurons and attention
+    units, :func:`peft_gates.pruning.plan_pruning`) with kept widths rounded up to multiples of
+    ``removable_multiple_of`` (1: no rounding, the training-progress view; the merge's default is
+    128). ``None`` leaves it out. Gathers ZeRO-3 partitioned gate vectors, so under ZeRO-3 every rank
+    must call this together.
     """
     gate_model = gate_model_of(model)
     adapter_name = _adapter(gate_model, adapter_name)
-    layers = gate_model.gated_layers(adapter_name)
+    stats = gate_statistics(gate_model, adapter_name, with_plan=False)
     coef = gate_model.sparsity_coefficients.get(adapter_name)
-    totals = {"gates": 0, "closed": 0, "fractional": 0, "removable": 0}
-    terms: list[float] = []
-    with _gathered(_gate_parameters(gate_model, adapter_name)):
-        for layer in layers.values():
-            cfg = layer.gate_settings[adapter_name]
-            sides = [
-                gates.sparsity_term(theta.detach().float(), cfg.keep, cfg.sigma).item()
-                for theta in layer.gate_vectors(adapter_name).values()
-            ]
-            terms.append(sum(sides) / len(sides))
-            for theta in layer.gate_vectors(adapter_name).values():
-                z = gates.eval_value(theta.detach().float())
-                totals["gates"] += z.numel()
-                totals["closed"] += int((z == 0).sum())
-                totals["fractional"] += int(((z > 0) & (z < 1)).sum())
-            z_row, z_col = layer.eval_gates(adapter_name)
-            rows_closed = int((z_row == 0).sum()) if z_row is not None else 0
-            cols_closed = int((z_col == 0).sum()) if z_col is not None else 0
-            n_in, n_out = layer.in_features, layer.out_features
-            removable = n_in * n_out - (n_in - cols_closed) * (n_out - rows_closed)
-            if getattr(layer.get_base_layer(), "bias", None) is not None:
-                removable += rows_closed
-            totals["removable"] += removable
-    n = max(totals["gates"], 1)
-    return {
-        "sparsity_loss": sum(terms) / max(len(terms), 1),
+    metrics = {
+        "sparsity_loss": float(stats.sparsity_loss),
         "sparsity_lambda": float(coef.weight) if coef is not None else 0.0,
-        "sparsity_realized": totals["closed"] / n,
-        "gates_fractional": totals["fractional"] / n,
-        "params_removable": float(totals["removable"]),
+        "sparsity_realized": float(stats.realized_sparsity),
+        "gates_fractional": float(stats.fractional_fraction),
     }
+    if removable_multiple_of is not None:
+        from .pruning import plan_pruning
+
+        with gathered(_gate_parameters(gate_model, adapter_name)):
+            plan = plan_pruning(gate_model, adapter_name, multiple_of=removable_multiple_of)
+        metrics["params_removable"] = float(plan.params_removed)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------- loss scale
@@ -210,20 +191,21 @@ def set_sparsity_step(
 
 
 def _checkpointing(trainer: Trainer) -> tuple[bool, bool]:
-    """(gradient checkpointing on, reentrant) as the Trainer will configure it."""
+    """(gradient checkpointing on, reentrant) as ``train()`` will configure it (it enables it there)."""
     args = trainer.args
-    enabled = bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
-    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
-        args, "gradient_checkpointing_kwargs", None
+    enabled = bool(getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", False)))
+    # transformers 5 reads activation_checkpointing_kwargs (gradient_checkpointing_kwargs is an alias).
+    kwargs = getattr(
+        args, "activation_checkpointing_kwargs", getattr(args, "gradient_checkpointing_kwargs", None)
     )
-    base = trainer.model
-    if not enabled:
-        for module in base.modules():
-            if getattr(module, "gradient_checkpointing", False) is True:
+    reentrant = bool((kwargs or {}).get("use_reentrant", False))  # transformers 5 default: non-reentrant
+    if not enabled:  # enabled on the model by hand before building the Trainer
+        for module in trainer.model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(module, "gradient_checkpointing", False) is True and func is not None:
                 enabled = True
+                reentrant = bool(getattr(func, "keywords", {}).get("use_reentrant", False))
                 break
-    # transformers >= 5 defaults to non-reentrant checkpointing when no kwargs are given.
-    reentrant = bool((kwargs or {}).get("use_reentrant", False))
     return enabled, reentrant
 
 
@@ -231,7 +213,11 @@ def _is_ddp(trainer: Trainer) -> bool:
     from accelerate.utils import DistributedType
 
     kind = trainer.accelerator.distributed_type
-    return kind != DistributedType.DEEPSPEED and kind.name.startswith("MULTI_") and trainer.accelerator.num_processes > 1
+    return (
+        kind != DistributedType.DEEPSPEED
+        and kind.name.startswith("MULTI_")
+        and trainer.accelerator.num_processes > 1
+    )
 
 
 def _is_sft_trainer(trainer: Trainer) -> bool:
@@ -258,25 +244,27 @@ def check_trainer(trainer: Trainer, adapter_name: str | None = None) -> list[str
     if not layers:
         if config.sparsity_weight > 0:
             raise ValueError(
-                f"GateConfig.sparsity_weight={config.sparsity_weight} but adapter {adapter_name!r} gates no layer, "
-                "so the sparsity term has nothing to act on; check GateConfig.target_modules against the model's "
-                "module names (or set sparsity_weight=0)"
+                f"GateConfig.sparsity_weight={config.sparsity_weight} but adapter {adapter_name!r} gates "
+                "no layer, so the sparsity term has nothing to act on; check GateConfig.target_modules "
+                "against the model's module names (or set sparsity_weight=0)"
             )
         found.append(f"adapter {adapter_name!r} gates no layer: training changes no gate")
     params = _gate_parameters(gate_model, adapter_name)
     if params and not any(p.requires_grad for p in params):
         raise ValueError(
-            f"no gate of adapter {adapter_name!r} is trainable (inference_mode=True, or the adapter is not the "
-            "active one); create the adapter with inference_mode=False and make it active before training"
+            f"no gate of adapter {adapter_name!r} is trainable (inference_mode=True, or the adapter is not "
+            "the active one); create the adapter with inference_mode=False and make it active before training"
         )
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(
-            f"gates are merged into {len(merged)} layers (e.g. {merged[0]}): merged gate layers run only the base "
-            "layer, so nothing trains; train on an unmerged adapter and merge afterwards"
+            f"gates are merged into {len(merged)} layers (e.g. {merged[0]}): merged gate layers run only "
+            "the base layer, so nothing trains; train on an unmerged adapter and merge afterwards"
         )
     if _is_sft_trainer(trainer):
-        output = trainer.model.get_output_embeddings() if hasattr(trainer.model, "get_output_embeddings") else None
+        output = (
+            trainer.model.get_output_embeddings() if hasattr(trainer.model, "get_output_embeddings") else None
+        )
         if isinstance(output, GateLayer) and output.gate_vectors(adapter_name):
             raise ValueError(
                 "gates on the output layer (lm_head) do not train under TRL's SFTTrainer: its fused LM head "
@@ -290,15 +278,16 @@ def check_trainer(trainer: Trainer, adapter_name: str | None = None) -> list[str
         find_unused = getattr(handler, "find_unused_parameters", trainer.args.ddp_find_unused_parameters)
         if find_unused and reentrant:
             raise ValueError(
-                "DDP with ddp_find_unused_parameters=True and reentrant gradient checkpointing fails ('Expected "
-                "to mark a variable ready only once'): set TrainingArguments(ddp_find_unused_parameters=False) "
-                "(transformers turns it on for any PeftModel), or use non-reentrant checkpointing"
+                "DDP with ddp_find_unused_parameters=True and reentrant gradient checkpointing fails "
+                "('Expected to mark a variable ready only once'): set "
+                "TrainingArguments(ddp_find_unused_parameters=False) (transformers turns it on for any "
+                "PeftModel), or use non-reentrant checkpointing"
             )
         if find_unused:
             found.append(
-                "DDP with ddp_find_unused_parameters=True and gradient checkpointing: every gate is used in every "
-                "step, so set TrainingArguments(ddp_find_unused_parameters=False) to skip the extra graph traversal "
-                "(and to stay safe if you switch to reentrant checkpointing)"
+                "DDP with ddp_find_unused_parameters=True and gradient checkpointing: every gate is used in "
+                "every step, so set TrainingArguments(ddp_find_unused_parameters=False) to skip the extra "
+                "graph traversal (reentrant checkpointing fails with it)"
             )
     return found
 
@@ -329,13 +318,20 @@ class GateTrainerCallback(TrainerCallback):
     function of ``state.global_step``, which ``resume_from_checkpoint`` restores.
     """
 
-    def __init__(self, trainer: Trainer, adapter_name: str | None = None, log_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        trainer: Trainer,
+        adapter_name: str | None = None,
+        log_metrics: bool = True,
+        removable_multiple_of: int | None = 1,
+    ) -> None:
         self.trainer = trainer
         self.adapter_name = adapter_name
         self.log_metrics = log_metrics
+        self.removable_multiple_of = removable_multiple_of
         self._probe_handles: list[Any] = []
         self._ran: set[str] = set()
-        self._probe_step: int | None = None
+        self._probe_names: set[str] = set()
 
     # -- sparsity strength
     def _gradient_accumulation_steps(self, args: TrainingArguments) -> int:
@@ -371,8 +367,14 @@ class GateTrainerCallback(TrainerCallback):
         self._ran = set()
 
         def make_hook(name: str):
-            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                if module.training and torch.is_grad_enabled():
+            def hook(module: GateLayer, inputs: Any, output: Any) -> None:
+                # Counts only forwards that sample this adapter's gates with autograd on.
+                active = (
+                    not module.disable_adapters
+                    and not module.merged
+                    and adapter_name in module.active_adapters
+                )
+                if module.training and torch.is_grad_enabled() and active:
                     self._ran.add(name)
 
             return hook
@@ -394,21 +396,24 @@ class GateTrainerCallback(TrainerCallback):
         gate_model = gate_model_of(self.trainer.model)
         weight = gate_model.peft_config[_adapter(gate_model, self.adapter_name)].sparsity_weight
         message = (
-            f"{len(missing)} of {len(self._probe_names)} gated layers (e.g. {missing[0]}) did not run a training "
-            "forward with gradients in the first step, so neither the task nor the sparsity gradient reaches their "
-            "gates. Causes: a fused kernel that reads the base weight instead of calling the layer (a fused LM head "
-            "or fused MLP), a layer the model does not use, or MoE experts not routed in that batch. Exclude those "
-            "modules with GateConfig.exclude_modules or turn the fused path off."
+            f"{len(missing)} of {len(self._probe_names)} gated layers (e.g. {missing[0]}) did not run a "
+            "training forward with gradients in the first step, so neither the task nor the sparsity "
+            "gradient reaches their gates. Causes: a fused kernel that reads the base weight instead of "
+            "calling the layer (a fused LM head or MLP), adapters disabled in the forward, a layer the model "
+            "does not use, or MoE experts not routed in that batch. Exclude those modules with "
+            "GateConfig.exclude_modules or turn the fused path off."
         )
         if len(missing) == len(self._probe_names) and weight > 0:
             raise RuntimeError("no gate is trained: " + message)
         warnings.warn(message, stacklevel=2)
 
     # -- metrics
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
+    ):
         if not self.log_metrics or logs is None or "loss" not in logs:
             return
-        metrics = gate_metrics(self.trainer.model, self.adapter_name)
+        metrics = gate_metrics(self.trainer.model, self.adapter_name, self.removable_multiple_of)
         logs.update(metrics)
         # Trainer.log appended a copy of `logs` to log_history just before calling us: complete it too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -418,14 +423,19 @@ class GateTrainerCallback(TrainerCallback):
 
 
 def attach(
-    trainer: Trainer, adapter_name: str | None = None, *, log_metrics: bool = True
+    trainer: Trainer,
+    adapter_name: str | None = None,
+    *,
+    log_metrics: bool = True,
+    removable_multiple_of: int | None = 1,
 ) -> GateTrainerCallback:
     """Make a ``Trainer``/``SFTTrainer`` apply the sparsity objective; the one line after building it.
 
     Checks the set-up (:func:`check_trainer`), casts gate vectors back to fp32 if the trainer cast them
     (SFTTrainer does for 4/8-bit models; the optimizer is built later, in ``train()``), and inserts a
     :class:`GateTrainerCallback` first in ``trainer.callback_handler``. Calling it again replaces the
-    previous callback.
+    previous callback. ``log_metrics=False`` skips the metrics (they cost a gather under ZeRO-3 on
+    logging steps); ``removable_multiple_of`` is passed to :func:`gate_metrics`.
 
     Example:
         >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds, peft_config=GateConfig(...))
@@ -440,7 +450,9 @@ def attach(
         logger.info("peft_gates: cast %d gate vectors back to fp32 (the trainer had cast them)", recast)
     handler = trainer.callback_handler
     handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, GateTrainerCallback)]
-    callback = GateTrainerCallback(trainer, adapter_name, log_metrics=log_metrics)
+    callback = GateTrainerCallback(
+        trainer, adapter_name, log_metrics=log_metrics, removable_multiple_of=removable_multiple_of
+    )
     handler.callbacks.insert(0, callback)
     return callback
 

@@ -66,22 +66,32 @@ SETUPS = {
 def run_setup(name: str, out_dir: str) -> dict:
     from transformers import Trainer
 
-    from peft_gates.training import GateTrainerCallback, attach
+    from peft_gates.training import GateTrainerCallback, attach, check_trainer
 
     spec = SETUPS[name]
     model = g.gated_model(**spec["gates"])
     args = g.training_args(out_dir, per_device_train_batch_size=2, **spec["args"])
     trainer = Trainer(model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()))
     if spec.get("unchecked"):
+        # What attach() says about this set-up, then what DDP does with it when the check is bypassed.
+        try:
+            check = {"warnings": check_trainer(trainer), "refused": None}
+        except ValueError as err:
+            check = {"warnings": [], "refused": str(err)}
         trainer.callback_handler.callbacks.insert(0, GateTrainerCallback(trainer))
         try:
             trainer.train()
         except Exception as err:  # recorded, not raised: the test asserts on it
-            return {"error": f"{type(err).__name__}: {err}"[:500]}
-        return {"error": None, "curves": g.curves(trainer)}
+            return {"check": check, "error": f"{type(err).__name__}: {err}"[:500]}
+        return {"check": check, "error": None, "curves": g.curves(trainer)}
     attach(trainer)
     trainer.train()
-    return {"curves": g.curves(trainer), "gates": g.gate_vectors(trainer.model)}
+    return {
+        "curves": g.curves(trainer),
+        "gates": g.gate_vectors(trainer.model),
+        "world_size": trainer.accelerator.num_processes,
+        "wrapper": type(trainer.model_wrapped).__name__,
+    }
 
 
 def main() -> None:

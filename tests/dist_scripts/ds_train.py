@@ -1,8 +1,12 @@
-"""DeepSpeed ZeRO x2 on CPU: ``torchrun --nproc_per_node 2 ds_train.py OUT.json STAGE [gc|gc_reentrant] [ga2]``.
+"""DeepSpeed ZeRO x2 on CPU: ``torchrun --nproc_per_node 2 ds_train.py OUT.json STAGE [FLAG ...]``.
 
 Trains the tiny gated Llama (global batch 4) with the shipped integrations/deepspeed/zero{STAGE}.json
-(fp32, torch AdamW: DeepSpeed's own CPU optimizers JIT-compile ops) and writes curves and final
+(fp32, a torch optimizer: DeepSpeed's own CPU optimizers JIT-compile ops) and writes curves and final
 gates to OUT.json. One configuration per process: DeepSpeed keeps global state.
+
+Flags: ``gc`` / ``gc_reentrant`` (gradient checkpointing), ``ga2`` (per-device batch 1 x 2 accumulation
+steps), ``pretrained=DIR`` (load the base with from_pretrained after the training arguments exist, so
+ZeRO-3 partitions it at load time through zero.Init, as TRL scripts do), ``bf16``, ``fp16``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import gate_setups as g  # noqa: E402
 def main() -> None:
     torch.set_num_threads(1)
     out_json, stage, flags = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+    pretrained = next((f.split("=", 1)[1] for f in flags if f.startswith("pretrained=")), None)
     g.setup_deepspeed_on_cpu()
     from transformers import Trainer
 
@@ -42,9 +47,21 @@ def main() -> None:
             gradient_accumulation_steps=ga,
             deepspeed=str(g.INTEGRATIONS / "deepspeed" / f"zero{stage}.json"),
             accelerator_config={"use_configured_state": True},
+            bf16="bf16" in flags,
+            fp16="fp16" in flags,
             **extra,
         )
-        model = g.gated_model()
+        if pretrained:
+            from peft import get_peft_model
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
+            zero_init = any(hasattr(p, "ds_id") for p in base.parameters())
+            torch.manual_seed(100)  # the gate init draws of g.gated_model()
+            model = get_peft_model(base, g.gate_config())
+        else:
+            zero_init = False
+            model = g.gated_model()
         trainer = Trainer(model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()))
         attach(trainer)
         trainer.train()
@@ -60,6 +77,7 @@ def main() -> None:
             "world_size": trainer.accelerator.num_processes,
             "loss_scale": current_loss_scale(trainer.accelerator, engine),
             "partitioned_gate_vectors": partitioned,
+            "zero_init_base": zero_init,
         }
     except Exception:
         result = {"error": traceback.format_exc()[-3000:]}

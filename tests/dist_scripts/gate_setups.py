@@ -95,9 +95,11 @@ def training_args(out_dir: str, **overrides: Any):
         per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
         max_steps=8,
-        learning_rate=0.05,
+        # Plain SGD: an update is proportional to the gradient, so a wrongly scaled sparsity gradient
+        # (GA, world size, loss scale) shows up in the curves; Adam would normalize much of it away.
+        learning_rate=50.0,
         lr_scheduler_type="constant",
-        optim="adamw_torch",
+        optim="sgd",
         weight_decay=0.0,
         logging_steps=1,
         save_strategy="no",
@@ -105,7 +107,7 @@ def training_args(out_dir: str, **overrides: Any):
         use_cpu=True,
         seed=0,
         data_seed=0,
-        disable_tqdm=True,
+        disable_tqdm=False,
         dataloader_num_workers=0,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         bf16=False,
@@ -117,16 +119,26 @@ def training_args(out_dir: str, **overrides: Any):
 
 def gate_vectors(peft_model) -> dict[str, list[float]]:
     """Full gate vectors by parameter name (gathers ZeRO-3 partitions; collective under ZeRO-3)."""
-    from peft_gates.training import _gathered
+    from peft_gates.stats import gathered
 
     params = {n: p for n, p in peft_model.named_parameters() if "peft_gates_" in n}
-    with _gathered(params.values()):
-        return {n.replace("base_model.model.", ""): p.detach().float().flatten().tolist() for n, p in params.items()}
+    with gathered(list(params.values())):
+        return {
+            n.replace("base_model.model.", ""): p.detach().float().flatten().tolist()
+            for n, p in params.items()
+        }
 
 
 def curves(trainer) -> dict[str, list[float]]:
     """Per-step training curves from log_history (what every reporter saw)."""
-    keys = ("loss", "sparsity_loss", "sparsity_realized", "sparsity_lambda", "gates_fractional", "params_removable")
+    keys = (
+        "loss",
+        "sparsity_loss",
+        "sparsity_realized",
+        "sparsity_lambda",
+        "gates_fractional",
+        "params_removable",
+    )
     rows = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     return {k: [float(h[k]) for h in rows] for k in keys if all(k in h for h in rows)}
 
@@ -155,10 +167,36 @@ def setup_deepspeed_on_cpu() -> None:
     """accelerate 1.15 sees one process under torchrun+DeepSpeed on CPU unless the state is pre-built."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    import importlib
+
     from accelerate import PartialState
+
+    # DeepSpeed JIT-compiles a shared-memory all-reduce op (about 2 minutes on a fresh machine) that only
+    # its inference all-reduce uses; training collectives go through torch.distributed (gloo).
+    # (`deepspeed.comm.torch` as an attribute is the torch package, hence importlib.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
     PartialState(backend="gloo")
 
 
 if __name__ == "__main__":  # pragma: no cover - manual smoke run
     print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gate_setups")["curves"], indent=1))
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB words ``w0 .. w60`` plus pad/eos/unk (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def text_rows(n: int = NUM_EXAMPLES) -> list[dict[str, str]]:
+    """The token rows of :func:`token_rows` as text for SFTTrainer (words w0..w60)."""
+    return [{"text": " ".join(f"w{t % (VOCAB - 3)}" for t in row)} for row in token_rows(n)]

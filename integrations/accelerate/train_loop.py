@@ -1,0 +1,131 @@
+"""A hand-written accelerate loop with FineGates gates: the one call a custom loop needs.
+
+The sparsity gradient is injected inside the backward pass of the gate layers, so the loop computes
+and back-propagates the task loss only. Once per optimizer step, before its first micro-batch, it
+calls ``peft_gates.training.set_sparsity_step(model, step, accelerator)``: that sets lambda from the
+GateConfig schedule and scales the injected gradient like ``accelerator.backward`` scales the loss
+(``1 / gradient_accumulation_steps``, times the fp16 loss scale of a GradScaler or DeepSpeed).
+Without accelerate, call ``model.base_model.set_sparsity_step(step, gradient_accumulation_steps=...,
+loss_scale=...)`` on the PeftModel yourself.
+
+Runs as is on CPU with a tiny random Llama (no downloads), or on a local model directory:
+
+    python integrations/accelerate/train_loop.py --steps 20
+    accelerate launch --config_file integrations/accelerate/ddp.yaml integrations/accelerate/train_loop.py
+    python integrations/accelerate/train_loop.py --model_path ./my-local-llama --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterable
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+from torch import nn
+
+import peft_gates
+from peft_gates.training import gate_metrics, set_sparsity_step
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    max_steps: int,
+    log_every: int = 0,
+) -> list[dict[str, float]]:
+    """Train a prepared gated model for ``max_steps`` optimizer steps; return per-step metrics.
+
+    ``model``, ``optimizer`` and the dataloader behind ``batches`` must come from
+    ``accelerator.prepare``; gradient accumulation follows ``accelerator.gradient_accumulation_steps``.
+    """
+    history: list[dict[str, float]] = []
+    step, micro, window_loss = 0, 0, 0.0
+    model.train()
+    while step < max_steps:
+        for batch in batches:
+            if micro % accelerator.gradient_accumulation_steps == 0:
+                # Start of an optimizer step: lambda from the schedule, gradient scale for GA / fp16.
+                set_sparsity_step(model, step, accelerator)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            micro += 1
+            window_loss += loss.detach().float().item() / accelerator.gradient_accumulation_steps
+            if accelerator.sync_gradients:
+                loss_avg = accelerator.reduce(
+                    torch.tensor(window_loss, device=accelerator.device), "mean"
+                ).item()
+                record = {"step": step + 1, "loss": loss_avg, **gate_metrics(model)}
+                history.append(record)
+                if log_every and (step + 1) % log_every == 0 and accelerator.is_main_process:
+                    logger.info("%s", record)
+                step, window_loss = step + 1, 0.0
+                if step >= max_steps:
+                    break
+    return history
+
+
+def _tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_path", default=None, help="local model dir; default: a tiny random Llama")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=16)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--sparsity_weight", type=float, default=50.0)
+    parser.add_argument("--target_sparsity", type=float, default=0.3)
+    parser.add_argument("--placement", default="both")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    torch.manual_seed(0)
+    if args.model_path:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    else:
+        base = _tiny_llama()
+    config = peft_gates.GateConfig(
+        placement=args.placement,
+        sparsity_weight=args.sparsity_weight,
+        target_sparsity=args.target_sparsity,
+    )
+    model = get_peft_model(base, config)
+    vocab = base.config.vocab_size
+    ids = torch.randint(
+        0, vocab, (args.batch_size * 16, args.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    train(model, loader, optimizer, accelerator, args.steps, log_every=1)
+
+
+if __name__ == "__main__":
+    main()

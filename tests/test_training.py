@@ -1,0 +1,474 @@
+"""The sparsity objective in training pipelines (single process): Trainer, SFTTrainer, accelerate loop.
+
+Every equivalence test trains the same tiny gated Llama on the same global batches with plain SGD
+(updates proportional to gradients, so a wrongly scaled sparsity gradient shows) and gate noise off
+(noise_std=0): the noise is one draw per gate per forward, so splitting a batch into two micro-batches
+draws twice and legitimately changes the trajectory. Negative controls show that the comparisons are
+sensitive to exactly the errors they guard against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
+
+import gate_setups as g  # noqa: E402
+
+import peft_gates  # noqa: E402
+from peft_gates import gates  # noqa: E402
+from peft_gates.training import (  # noqa: E402
+    METRIC_KEYS,
+    GateTrainerCallback,
+    attach,
+    check_trainer,
+    current_loss_scale,
+    gate_model_of,
+    set_sparsity_step,
+)
+
+TOL = 2e-5  # float32 reduction-order noise between setups over 8 SGD steps is ~1e-6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls are 50x faster single-threaded on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_CACHE: dict[tuple, dict] = {}
+
+
+def run(tmp_path_factory, attach_callback: bool = True, gates_kw: dict | None = None, **args_kw) -> dict:
+    """Train with transformers.Trainer + attach (memoized per configuration within the session)."""
+    from transformers import Trainer
+
+    key = (attach_callback, tuple(sorted((gates_kw or {}).items())), tuple(sorted(map(str, args_kw.items()))))
+    if key not in _CACHE:
+        out = str(tmp_path_factory.mktemp("run"))
+        resume = args_kw.pop("resume", None)
+        args = g.training_args(out, **args_kw)
+        model = g.gated_model(**(gates_kw or {}))
+        trainer = Trainer(model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()))
+        if attach_callback:
+            attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        _CACHE[key] = {"curves": g.curves(trainer), "gates": g.gate_vectors(trainer.model), "out": out}
+    return _CACHE[key]
+
+
+def flat(gate_vectors: dict[str, list[float]]) -> np.ndarray:
+    return np.concatenate([np.asarray(gate_vectors[k]) for k in sorted(gate_vectors)])
+
+
+def max_diff(a: dict, b: dict) -> dict[str, float]:
+    """Largest absolute differences between two runs: final gates and every per-step curve."""
+    out = {"gates": float(np.abs(flat(a["gates"]) - flat(b["gates"])).max())}
+    for key in ("loss", "sparsity_loss", "sparsity_realized"):
+        if key in a["curves"] and key in b["curves"]:
+            out[key] = float(np.abs(np.subtract(a["curves"][key], b["curves"][key])).max())
+    return out
+
+
+def assert_same(a: dict, b: dict, tol: float = TOL) -> dict[str, float]:
+    diffs = max_diff(a, b)
+    assert all(v <= tol for v in diffs.values()), diffs
+    assert len(a["curves"]["loss"]) == len(b["curves"]["loss"])
+    return diffs
+
+
+def expected_sparsity_grad(peft_model, lam: float) -> dict[str, torch.Tensor]:
+    """lambda * d(mean over gated layers of the mean over sides of |mean p - keep|)/d theta, by autograd."""
+    tuner = gate_model_of(peft_model)
+    cfg = tuner.peft_config["default"]
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    params, terms = [], []
+    for layer in tuner.gated_layers("default").values():
+        vectors = layer.gate_vectors("default")
+        params += list(vectors.values())
+        terms.append(
+            sum(gates.sparsity_term(t, cfg.keep, cfg.sigma) for t in vectors.values()) / len(vectors)
+        )
+    grads = torch.autograd.grad(lam * torch.stack(terms).mean(), params)
+    return {names[id(p)]: gr for p, gr in zip(params, grads, strict=True)}
+
+
+# --------------------------------------------------------------------------------------------- exact gradient
+
+
+@pytest.mark.parametrize("ga,loss_scale", [(1, 1.0), (2, 1.0), (4, 1024.0)])
+def test_injected_gradient_is_exactly_lambda_times_autograd_of_the_term(ga, loss_scale):
+    model = g.gated_model().train()
+    batch = g.RowsDataset(g.token_rows())[0]
+    batch = {k: v[None] for k, v in batch.items()}
+    lam = model.peft_config["default"].sparsity_weight
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def grads(step_lambda: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        set_sparsity_step(model, 0, gradient_accumulation_steps=ga, loss_scale=loss_scale)
+        if not step_lambda:
+            gate_model_of(model).sparsity_coefficients["default"].weight = 0.0
+        (model(**batch).loss * loss_scale / ga).backward()
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    injected = {n: a - b for (n, a), b in zip(grads(True).items(), grads(False).values(), strict=True)}
+    expected = expected_sparsity_grad(model, lam)
+    assert set(injected) == set(expected)
+    for name, value in injected.items():
+        torch.testing.assert_close(value, expected[name] * loss_scale / ga, rtol=1e-5, atol=1e-9)
+    assert max(v.abs().max() for v in expected.values()) > 1e-4  # the term has a real gradient here
+
+
+def test_trainer_step_injects_lambda_schedule_over_ga(tmp_path):
+    """Through Trainer + attach: GA=2 micro-batches, warm-up lambda at step 0, grads before the optimizer."""
+    from transformers import Trainer, TrainerCallback
+
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+
+    class Grab(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            captured[self.key] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    schedule = dict(sparsity_warmup_steps=4)  # lambda at step 0 = 5 * 1/4
+    for key, weight in (("on", 5.0), ("off", 0.0)):
+        model = g.gated_model(sparsity_weight=weight, **schedule)
+        args = g.training_args(
+            str(tmp_path / key),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=1,
+            max_grad_norm=0.0,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()), callbacks=[Grab(key)]
+        )
+        attach(trainer)
+        trainer.train()
+    reference = g.gated_model(**schedule)  # same seeds: the parameters both runs started from
+    expected = expected_sparsity_grad(reference, 5.0 * 1 / 4)
+    for name, value in expected.items():
+        torch.testing.assert_close(captured["on"][name] - captured["off"][name], value, rtol=1e-4, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------- term applied
+
+
+def test_sparsity_term_is_applied_and_logged(tmp_path_factory):
+    on = run(tmp_path_factory)
+    off = run(tmp_path_factory, gates_kw=dict(sparsity_weight=0.0))
+    c_on, c_off = on["curves"], off["curves"]
+    assert set(METRIC_KEYS) <= set(c_on)
+    # The regularizer falls clearly with lambda > 0 and barely moves without it.
+    assert c_on["sparsity_loss"][-1] < c_on["sparsity_loss"][0] - 0.1
+    assert abs(c_off["sparsity_loss"][-1] - c_off["sparsity_loss"][0]) < 0.02
+    assert c_on["sparsity_realized"][-1] > 0.05 and c_off["sparsity_realized"][-1] < 0.01
+    assert c_on["params_removable"][-1] > 0
+    assert all(v == 5.0 for v in c_on["sparsity_lambda"]) and all(v == 0.0 for v in c_off["sparsity_lambda"])
+    # Gates closed on average: lambda pushed theta down everywhere.
+    assert flat(on["gates"]).mean() < flat(off["gates"]).mean() - 0.1
+
+
+def test_metrics_reach_reporters_before_they_log(tmp_path):
+    from transformers import Trainer, TrainerCallback
+
+    seen: list[dict] = []
+
+    class Reporter(TrainerCallback):  # stands in for TensorBoard / W&B: they log the `logs` dict on_log
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = Trainer(
+        model=g.gated_model(),
+        args=g.training_args(str(tmp_path), max_steps=2),
+        train_dataset=g.RowsDataset(g.token_rows()),
+        callbacks=[Reporter()],
+    )
+    callback = attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    assert attach(trainer) is not callback  # idempotent: replaced, not duplicated
+    assert sum(isinstance(c, GateTrainerCallback) for c in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    train_logs = [s for s in seen if "loss" in s]
+    assert len(train_logs) == 2 and all(set(METRIC_KEYS) <= set(s) for s in train_logs)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["sparsity_loss"] for h in history] == [s["sparsity_loss"] for s in train_logs]
+
+
+# --------------------------------------------------------------------------------------------- equivalences
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path_factory):
+    ref = run(tmp_path_factory)
+    ga2 = run(tmp_path_factory, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    ga4 = run(tmp_path_factory, per_device_train_batch_size=1, gradient_accumulation_steps=4)
+    assert_same(ref, ga2)
+    assert_same(ref, ga4)
+    # Negative control: without attach() the injected gradient is not divided by GA (2x too strong).
+    unscaled = run(
+        tmp_path_factory, attach_callback=False, per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
+    assert max_diff(ref, unscaled)["gates"] > 0.1
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_matches(tmp_path_factory, reentrant):
+    ref = run(tmp_path_factory)
+    gc = run(
+        tmp_path_factory,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    assert_same(ref, gc)
+
+
+def test_loss_scaling_is_undone_like_the_loss(tmp_path_factory, tmp_path):
+    """fp16-style loss scaling (a GradScaler; CPU autocast has none, so it is installed by hand)."""
+    from transformers import Trainer
+
+    ref = run(tmp_path_factory, max_grad_norm=0.0)
+    trainer = Trainer(
+        model=g.gated_model(),
+        args=g.training_args(str(tmp_path), max_grad_norm=0.0),
+        train_dataset=g.RowsDataset(g.token_rows()),
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    assert current_loss_scale(trainer.accelerator) == 2.0**12
+    attach(trainer)
+    trainer.train()
+    scaled = {"curves": g.curves(trainer), "gates": g.gate_vectors(trainer.model)}
+    assert_same(ref, scaled)
+
+
+def test_bf16_autocast_stays_close(tmp_path_factory):
+    ref = run(tmp_path_factory)
+    bf16 = run(tmp_path_factory, bf16=True)
+    diffs = max_diff(ref, bf16)
+    assert diffs["sparsity_loss"] < 5e-3 and diffs["loss"] < 5e-2, diffs
+
+
+def test_resume_from_checkpoint_gives_the_same_gates(tmp_path_factory):
+    """Gate noise ON and a delayed, warmed-up lambda: RNG state and lambda schedule must both resume."""
+    gates_kw = dict(noise_std=0.1, sparsity_start_step=2, sparsity_warmup_steps=4)
+    common = dict(max_steps=12, save_strategy="steps", save_steps=6)
+    full = run(tmp_path_factory, gates_kw=gates_kw, **common)
+    checkpoint = str(Path(full["out"]) / "checkpoint-6")
+    resumed = run(tmp_path_factory, gates_kw=gates_kw, resume=checkpoint, **common)
+    assert np.abs(flat(full["gates"]) - flat(resumed["gates"])).max() <= TOL
+    # log_history of the resumed run = the checkpoint's 6 entries + 6 new ones.
+    np.testing.assert_allclose(full["curves"]["sparsity_loss"], resumed["curves"]["sparsity_loss"], atol=TOL)
+    np.testing.assert_allclose(full["curves"]["loss"], resumed["curves"]["loss"], atol=TOL)
+    assert full["curves"]["sparsity_lambda"][:4] == [0.0, 0.0, 1.25, 2.5]
+
+
+# --------------------------------------------------------------------------------------------- accelerate loop
+
+
+def _load_integration(relative: str):
+    path = g.INTEGRATIONS / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_accelerate_loop_matches_trainer(tmp_path_factory):
+    from accelerate import Accelerator
+
+    loop = _load_integration("accelerate/train_loop.py")
+    ref = run(tmp_path_factory, max_grad_norm=0.0, train_sampling_strategy="sequential")
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    model = g.gated_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=50.0)
+    loader = torch.utils.data.DataLoader(g.RowsDataset(g.token_rows()), batch_size=2, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    history = loop.train(model, loader, optimizer, accelerator, max_steps=8)
+    result = {
+        "curves": {k: [h[k] for h in history] for k in ("loss", "sparsity_loss", "sparsity_realized")},
+        "gates": g.gate_vectors(model),
+    }
+    assert_same(ref, result)
+
+
+# --------------------------------------------------------------------------------------------- SFTTrainer
+
+
+def _sft_trainer(tmp_path, model=None, peft_config=None, **config_kw):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=50.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(config_kw)
+    return SFTTrainer(
+        model=model if model is not None else g.tiny_llama(),
+        args=SFTConfig(**kwargs),
+        train_dataset=datasets.Dataset.from_list(g.text_rows()),
+        processing_class=g.tiny_tokenizer(),
+        peft_config=peft_config if peft_config is not None else g.gate_config(),
+    )
+
+
+def test_sft_trainer_applies_the_term(tmp_path):
+    curves = {}
+    for weight in (5.0, 0.0):
+        trainer = _sft_trainer(tmp_path / str(weight), peft_config=g.gate_config(sparsity_weight=weight))
+        assert trainer.args.gradient_checkpointing  # TRL's default, non-reentrant under transformers 5
+        attach(trainer)
+        trainer.train()
+        curves[weight] = g.curves(trainer)
+    on, off = curves[5.0], curves[0.0]
+    assert set(METRIC_KEYS) <= set(on)
+    assert on["sparsity_loss"][-1] < on["sparsity_loss"][0] - 0.05
+    assert abs(off["sparsity_loss"][-1] - off["sparsity_loss"][0]) < 0.02
+
+
+def test_sft_trainer_quantized_base_gates_back_to_fp32(tmp_path):
+    """SFTTrainer casts trainable params of a 4-bit model to bf16; attach() restores fp32 before train()."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    g.tiny_llama().save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quant, device_map="cpu"
+    )
+    model.train()  # bnb trap: a first eval-mode no-grad forward repacks 4-bit weights without autograd
+    trainer = _sft_trainer(tmp_path / "run", model=model, max_steps=3, gradient_checkpointing=False)
+    gate_params = [p for n, p in trainer.model.named_parameters() if "peft_gates_" in n]
+    assert {p.dtype for p in gate_params} == {torch.bfloat16}
+    attach(trainer)
+    assert {p.dtype for p in gate_params} == {torch.float32}
+    trainer.train()
+    assert {p.dtype for p in gate_params} == {torch.float32}
+    assert trainer.optimizer.param_groups[0]["params"][0].dtype == torch.float32
+    curve = g.curves(trainer)["sparsity_loss"]
+    assert curve[-1] < curve[0]
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def test_refuses_setups_where_the_term_would_silently_not_apply(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer
+
+    def trainer_for(model):
+        return Trainer(
+            model=model, args=g.training_args(str(tmp_path)), train_dataset=g.RowsDataset(g.token_rows())
+        )
+
+    with pytest.raises(TypeError, match="no peft_gates adapter"):
+        attach(trainer_for(get_peft_model(g.tiny_llama(), LoraConfig(target_modules="all-linear"))))
+    gateless = g.gated_model()  # PEFT refuses unmatched target_modules; remove the gate vectors instead
+    for layer in gate_model_of(gateless).gated_layers("default").values():
+        for store in (layer.peft_gates_row, layer.peft_gates_col):
+            if "default" in store:
+                del store["default"]
+    with pytest.raises(ValueError, match="gates no layer"):
+        attach(trainer_for(gateless))
+    frozen = g.gated_model()
+    for n, p in frozen.named_parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no gate of adapter 'default' is trainable"):
+        attach(trainer_for(frozen))
+    merged = g.gated_model()
+    merged.base_model.model.model.layers[0].mlp.down_proj.merge()
+    with pytest.raises(ValueError, match="merged"):
+        attach(trainer_for(merged))
+
+
+def _gate_lm_head(trainer) -> None:
+    """Put a gate layer on lm_head after SFTTrainer construction (TRL refuses one passed in)."""
+    from peft_gates.layer import Linear
+
+    tuner = gate_model_of(trainer.model)
+    inner = tuner.model
+    layer = Linear(inner.lm_head, "default", tuner.peft_config["default"], rows=True, columns=False)
+    layer.sparsity = tuner.sparsity_coefficients
+    inner.lm_head = layer
+
+
+def test_sft_gated_lm_head_is_refused_and_probed(tmp_path):
+    trainer = _sft_trainer(tmp_path, max_steps=1, gradient_checkpointing=False)
+    _gate_lm_head(trainer)
+    with pytest.raises(ValueError, match="fused LM head"):
+        attach(trainer)
+    # Without the static check, the first-step probe reports the bypassed layer.
+    trainer.callback_handler.callbacks.insert(0, GateTrainerCallback(trainer))
+    with pytest.warns(UserWarning, match=r"1 of 15 gated layers \(e.g. lm_head\) did not run"):
+        trainer.train()
+
+
+def test_probe_raises_when_no_gate_runs(tmp_path):
+    """If no gate layer ran a differentiable forward in the first step, nothing trains the gates: error.
+
+    (With gates as the only trainable parameters torch itself already fails in backward; this guards
+    runs that also train other parameters, e.g. modules_to_save.)
+    """
+    from transformers import Trainer, TrainerState
+
+    trainer = Trainer(
+        model=g.gated_model(),
+        args=g.training_args(str(tmp_path)),
+        train_dataset=g.RowsDataset(g.token_rows()),
+    )
+    callback = GateTrainerCallback(trainer)
+    callback._start_probe(TrainerState())
+    with trainer.model.disable_adapter():  # gate layers run, but as their base layer only: not counted
+        trainer.model.train()
+        trainer.model(**{k: v[None] for k, v in g.RowsDataset(g.token_rows())[0].items()})
+    with pytest.raises(RuntimeError, match="no gate is trained"):
+        callback._finish_probe()
+
+
+def test_ddp_check_runs_without_ddp(tmp_path):
+    """check_trainer is silent for a clean single-process set-up (the DDP cases run in test_distributed)."""
+    from transformers import Trainer
+
+    trainer = Trainer(
+        model=g.gated_model(),
+        args=g.training_args(str(tmp_path), gradient_checkpointing=True),
+        train_dataset=g.RowsDataset(g.token_rows()),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_trainer(trainer) == []
+
+
+def test_public_api():
+    import peft_gates.training as training
+
+    assert callable(training.attach) and callable(training.set_sparsity_step)
+    assert not math.isnan(peft_gates.GateConfig().sparsity_weight)
