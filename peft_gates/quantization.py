@@ -10,7 +10,7 @@ bitsandbytes ``Linear4bit`` (nf4/fp4, double quant, any ``quant_storage``) and `
   matmul), or raises :class:`UnsupportedQuantizationError` for backends we cannot dequantize faithfully. An
   in-place merge of a quantized layer is refused (4-bit codes cannot absorb fractional column gates without a
   new rounding, and cutting units changes shapes); the merge builds a new dense model instead.
-* **The CPU repacking trap** (bitsandbytes >= 0.49 on CPUs with AVX512-BF16): the first forward of a
+* **The CPU repacking trap** (bitsandbytes 0.50.2, CPUs with AVX512-BF16): the first forward of a
   ``Linear4bit`` in eval mode with an input that does not require grad repacks its weight, in place and for
   good, into an inference layout whose matmul has no autograd and rounds absmax and activations to bf16.
   Later training then silently gets no gradient through that layer. :func:`prepare_quantized_for_gates`
@@ -33,10 +33,10 @@ __all__ = [
     "dequantize_weight",
     "disable_cpu_repacking",
     "is_quantized_linear",
+    "mark_dequantized",
     "prepare_quantized_for_gates",
     "quantization_backend",
     "requantize",
-    "upcast_gates_to_fp32",
 ]
 
 SUPPORTED_QUANTIZATION = (
@@ -128,8 +128,8 @@ def _unsupported(module: nn.Module, backend: str, why: str = "") -> UnsupportedQ
     return UnsupportedQuantizationError(
         f"cannot dequantize {type(module).__name__} (quantization: {backend}){': ' + why if why else ''}. "
         f"peft_gates can merge/prune only float Linear/Conv1D layers and {SUPPORTED_QUANTIZATION}. Load the "
-        "base model with BitsAndBytesConfig or in bf16/fp16/fp32 for the merge (the trained adapter loads onto "
-        "either, since gates do not depend on how the base weight is stored)."
+        "base model with BitsAndBytesConfig or in bf16/fp16/fp32 for the merge (the trained adapter loads "
+        "onto either, since gates do not depend on how the base weight is stored)."
     )
 
 
@@ -137,8 +137,9 @@ def _unpack_cpu_4bit(module: nn.Module):
     """Standard-layout 4-bit codes and a plain QuantState for a weight repacked by bitsandbytes' CPU path.
 
     The repacked layout ``[N, K/2]`` interleaves nibbles in 32-row blocks and keeps absmax as a bf16
-    ``[K/blocksize, N]`` matrix (double quant already resolved). Undoing the nibble shuffle is lossless, and the
-    bf16 absmax is what the packed matmul multiplies by, so dequantizing the result gives that forward's weight.
+    ``[K/blocksize, N]`` matrix (double quant already resolved). Undoing the nibble shuffle is lossless, and
+    the bf16 absmax is what the packed matmul multiplies by, so dequantizing the result gives that forward's
+    weight.
     We do not use ``bitsandbytes.functional._convert_weight_packed_for_cpu_inverse``: in 0.50.2 it leaves the
     absmax of a layer without double quant in the transposed packed order (wrong weights, about 24% relative
     error, no exception), and with double quant it re-quantizes the absmax (one more rounding).
@@ -150,7 +151,9 @@ def _unpack_cpu_4bit(module: nn.Module):
     packed = module.weight.data.view(torch.uint8)
     n, k = module.out_features, module.in_features
     if tuple(packed.shape) != (n, k // 2) or n % block_n or k % state.blocksize:
-        raise _unsupported(module, "bitsandbytes-4bit (CPU-repacked)", f"unexpected packed shape {packed.shape}")
+        raise _unsupported(
+            module, "bitsandbytes-4bit (CPU-repacked)", f"unexpected packed shape {packed.shape}"
+        )
     # Inverse of bitsandbytes.functional._convert_weight_packed_for_cpu, step 1 (pure bit shuffling).
     rows = packed.reshape(-1, block_n)
     codes = torch.cat([rows & 0xF, (rows >> 4) & 0xF], dim=-1)
@@ -171,14 +174,15 @@ def _dequantize_packed_4bit(module: nn.Module) -> torch.Tensor:
     """fp32 weight of a CPU-repacked 4-bit layer (see :func:`_unpack_cpu_4bit`), leaving the layer as is."""
     from bitsandbytes.functional import dequantize_4bit
 
-    flat, plain = _unpack_cpu_4bit(module)
-    plain.dtype = torch.float32
-    return dequantize_4bit(flat, plain)
+    flat, plain = _unpack_cpu_4bit(module)  # dtype: the layer's, like the unpacked path below
+    return dequantize_4bit(flat, plain).to(torch.float32)
 
 
 def _check_materialized(module: nn.Module, weight: torch.Tensor) -> None:
     if weight.device.type == "meta":
-        raise ValueError(f"{type(module).__name__} has its weight on the meta device: load real weights first")
+        raise ValueError(
+            f"{type(module).__name__} has its weight on the meta device: load real weights first"
+        )
     if weight.numel() == 0 or hasattr(weight, "ds_shape"):
         raise ValueError(
             f"{type(module).__name__} has a partitioned (DeepSpeed ZeRO-3) weight: merge offline in a plain "
@@ -196,9 +200,9 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     a mis-decoded weight would give a model that loads and runs but is silently wrong.
 
     Exactness: 4-bit goes through ``bitsandbytes.functional.dequantize_4bit`` with the layer's own quant
-    state, i.e. the same matrix ``matmul_4bit`` builds in its forward (cast to the compute dtype there); 8-bit
-    is ``CB * SCB / 127``, the matrix of the training-mode matmul (the eval-mode int8 matmul also quantizes the
-    activations, which no weight can reproduce).
+    state, i.e. the same matrix ``matmul_4bit`` builds in its forward (cast to the compute dtype there);
+    8-bit is ``CB * SCB / 127``, the matrix of the training-mode matmul (the eval-mode int8 matmul also
+    quantizes the activations, which no weight can reproduce).
     """
     module = _unwrap(module)
     backend = quantization_backend(module)
@@ -214,7 +218,8 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if backend == "bitsandbytes-4bit":
         _check_materialized(module, weight)
         if not getattr(weight, "bnb_quantized", True) and weight.dtype.is_floating_point:
-            w = weight.detach().to(torch.float32, copy=True)  # Linear4bit not moved to a device yet: still float
+            # a Linear4bit that was never moved to a device is not quantized yet: its weight is still float
+            w = weight.detach().to(torch.float32, copy=True)
         else:
             state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
             if state is None:
@@ -289,23 +294,6 @@ def disable_cpu_repacking(model: nn.Module) -> int:
     return restored
 
 
-def upcast_gates_to_fp32(model: nn.Module) -> int:
-    """Cast gate parameters (``peft_gates_*``) back to fp32; returns how many were cast.
-
-    TRL's ``SFTTrainer.__init__`` casts every trainable parameter to bf16 when the base is loaded in 4/8 bit
-    (QLoRA's recipe for LoRA matrices). For gates that is harmful: near ``theta ~ 1`` the bf16 spacing is
-    0.0078, so Adam steps of lr 1e-3 round away and the gates stop moving. Call this after the trainer is
-    built and before its optimizer is (``trainer.train()`` creates it), e.g. from ``peft_gates.attach``.
-    Rebinding ``param.data`` keeps the Parameter objects, so hooks and any existing references stay valid.
-    """
-    cast = 0
-    for name, param in model.named_parameters():
-        if "peft_gates_" in name and param.dtype != torch.float32:
-            param.data = param.data.to(torch.float32)
-            cast += 1
-    return cast
-
-
 def prepare_quantized_for_gates(model: nn.Module) -> nn.Module:
     """Make a bitsandbytes 4/8-bit model (base or PeftModel) safe to train gates on, CPU or GPU.
 
@@ -314,7 +302,6 @@ def prepare_quantized_for_gates(model: nn.Module) -> nn.Module:
 
     * :func:`disable_cpu_repacking`: the AVX512-BF16 CPU trap (an eval forward would silently cut the
       gradient through 4-bit layers for the rest of the run); a no-op on GPUs and other CPUs.
-    * :func:`upcast_gates_to_fp32` if gates already exist (they are created fp32; this undoes a bf16 cast).
 
     Deliberately *not* done, unlike ``peft.prepare_model_for_kbit_training`` (which also works, but is not
     needed): upcasting every non-4-bit parameter (embeddings, ``lm_head``, norms) to fp32, which costs about
@@ -323,7 +310,34 @@ def prepare_quantized_for_gates(model: nn.Module) -> nn.Module:
     for causal LMs. Freezing the base is done by ``get_peft_model``.
     """
     disable_cpu_repacking(model)
-    upcast_gates_to_fp32(model)
+    return model
+
+
+def mark_dequantized(model: nn.Module) -> nn.Module:
+    """Drop transformers' quantizer bookkeeping from a model whose layers are all dense again (the merge's).
+
+    ``prune_and_unload`` on a 4/8-bit base returns dense ``nn.Linear`` layers, but the model object still
+    carries ``hf_quantizer``, ``is_loaded_in_4bit`` and ``config.quantization_config``. Left there,
+    ``save_pretrained`` writes the ``quantization_config`` into ``config.json`` and a plain
+    ``from_pretrained`` silently re-quantizes the merged weights on load (a second rounding the user did not
+    ask for), and ``Trainer`` treats the model as quantized. Re-quantizing on purpose is :func:`requantize`.
+    Raises if a quantized Linear is still present, since then the bookkeeping is still true.
+    """
+    left = [name for name, module in model.named_modules() if is_quantized_linear(module)]
+    if left:
+        raise ValueError(
+            f"{len(left)} layers are still quantized (first: {left[0]!r}); merge/dequantize them before "
+            "dropping the quantization config"
+        )
+    for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    model.hf_quantizer = None  # transformers reads it with getattr(model, "hf_quantizer", None)
+    model.is_quantized = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
     return model
 
 
@@ -335,21 +349,46 @@ def requantize(
 ) -> nn.Module:
     """Re-quantize a merged (pruned, dense) model with ``quantization_config`` for deployment in 4/8 bit.
 
-    Round-trips through ``save_pretrained`` / ``from_pretrained(quantization_config=...)``, the one path that
-    writes ``quantization_config`` into ``config.json`` so the saved model reloads quantized with a plain
-    ``from_pretrained``. If ``save_directory`` is given the quantized model is saved there too.
+    Round-trips through disk and ``from_pretrained(quantization_config=...)``, the one path that writes
+    ``quantization_config`` into ``config.json``, so the model saved to ``save_directory`` (if given) reloads
+    quantized with a plain ``from_pretrained``. Pruned models with per-layer widths go through
+    ``peft_gates.export.save_pruned`` and reload with their registered per-layer class: a stock class would
+    build the unpruned shapes. Every Linear's shape is checked against ``model`` afterwards.
 
-    This is a second rounding on top of the base model's quantization: rows scaled by fractional gates and
-    columns shifted by the pruning fall into new quantization blocks. Measured on a tiny random Llama (nf4,
-    blocksize 64): see ``integrations/quantized/README.md``. Models with per-layer pruned widths need their
-    config/model classes registered (import peft_gates) to reload.
+    This is a second rounding on top of the base model's quantization wherever the merge changed a
+    quantization block: columns scaled by fractional gates get a fresh rounding (about as large as the
+    original, ~8% for nf4), while layers left unchanged or only cut by whole rows re-quantize exactly (or
+    within ~2e-3 with double quant, whose absmax is re-rounded); see ``integrations/quantized/README.md``.
+    ``model`` loses its quantizer bookkeeping (:func:`mark_dequantized`).
     """
     import tempfile
+    from pathlib import Path
 
+    mark_dequantized(model)
     with tempfile.TemporaryDirectory(prefix="peft_gates_requant_") as tmp:
-        model.save_pretrained(tmp)
-        quantized = type(model).from_pretrained(tmp, quantization_config=quantization_config, device_map=device_map)
+        path = Path(tmp) / "dense"
+        cls = type(model)
+        if getattr(model.config, "pruned_layers", None) is not None or hasattr(
+            model.config, "stock_model_type"
+        ):
+            from .export import _TWINS, _stock_class, save_pruned
+
+            save_pruned(model, path)
+            cls = _TWINS.get(_stock_class(cls), cls)
+        else:
+            model.save_pretrained(path)
+        quantized = cls.from_pretrained(path, quantization_config=quantization_config, device_map=device_map)
     disable_cpu_repacking(quantized)
+    dense_shapes = {
+        name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    for name, module in quantized.named_modules():
+        if isinstance(module, nn.Linear) and name in dense_shapes:
+            shape = tuple(dequantize_weight(module).shape) if is_quantized_linear(module) else None
+            if (module.out_features, module.in_features) != dense_shapes[name] or (
+                shape is not None and shape != dense_shapes[name]
+            ):
+                raise RuntimeError(f"re-quantized {name!r} has shape {shape}, expected {dense_shapes[name]}")
     if save_directory is not None:
         quantized.save_pretrained(save_directory)
     return quantized
