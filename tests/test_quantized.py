@@ -410,11 +410,19 @@ def test_prune_and_unload_matches_the_gated_quantized_forward(base_dir, name, pl
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_xfail_bf16_storage(n)) for n in QUANT])
 def test_in_place_merge_is_refused_with_the_supported_path(base_dir, name):
     model = _gated(base_dir, name, "both")
+    x = batch()
+    model.eval()
+    with torch.no_grad():
+        gated = model(input_ids=x).logits
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="merge_and_unload"):
         model.merge_adapter()
     for n, p in model.named_parameters():  # nothing was folded into the quantized storage
         assert same_bits(p, before[n]), n
+    merged = model.merge_and_unload(multiple_of=1).eval()  # the path the message names
+    assert not any(is_quantized_linear(m) for m in merged.modules())
+    with torch.no_grad():
+        assert rel(gated, merged(input_ids=x).logits) < BOUND[name]
 
 
 def test_merged_model_saves_and_reloads_dense(base_dir, tmp_path):

@@ -8,9 +8,10 @@ The steps, each one line below (see README.md next to this file for why each is 
 3. ``SFTTrainer(..., peft_config=GateConfig(...))`` then ``peft_gates.training.attach(trainer)`` (lambda
    schedule, and it casts the gate vectors back to fp32: SFTTrainer casts trainable parameters of 4/8-bit
    models to bf16, too coarse for gate updates);
-4. ``prune_and_unload(model, dtype=torch.bfloat16)``: dequantizes the base layers (exactly the weights the
-   4-bit forward used), folds the gates, cuts closed units; ``mark_dequantized`` so it saves as a dense
-   model; optionally ``requantize`` it to 4 bit for deployment (a second rounding; see README.md).
+4. ``model.merge_and_unload(dtype=torch.bfloat16)`` (= ``peft_gates.prune_and_unload``): dequantizes the
+   base layers (exactly the weights the 4-bit forward used), folds the gates, cuts closed units;
+   ``mark_dequantized`` so it saves as a dense model; optionally ``requantize`` it to 4 bit for deployment
+   (a second rounding; see README.md).
 
 Runs as is on CPU with a tiny random Llama and synthetic text (no downloads, about a minute):
 
@@ -152,9 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.model.save_pretrained(out / "adapter")  # a few KB; loads onto the 4-bit or a bf16 base
 
     # 4: dense pruned model from the dequantized 4-bit weights (exactly what was trained against)
-    from peft_gates.pruning import prune_and_unload
-
-    pruned = prune_and_unload(trainer.model, dtype=torch.bfloat16 if gpu else torch.float32)
+    pruned = trainer.model.merge_and_unload(dtype=torch.bfloat16 if gpu else torch.float32)
     mark_dequantized(pruned)
     pruned.save_pretrained(out / "pruned")  # reloads with AutoModelForCausalLM after `import peft_gates`
     tokenizer.save_pretrained(out / "pruned")
