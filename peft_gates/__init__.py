@@ -12,6 +12,7 @@ from .model import GateModel
 from .pruning import DEFAULT_MULTIPLE_OF, PrunePlan, plan_pruning, prune_and_unload
 from .report import write_report
 from .stats import GateStats, gate_statistics
+from .training import GateTrainerCallback, attach
 
 register()
 register_pruned_architectures()
@@ -23,7 +24,9 @@ __all__ = [
     "GateModel",
     "GatePeftType",
     "GateStats",
+    "GateTrainerCallback",
     "PrunePlan",
+    "attach",
     "gate_statistics",
     "plan_pruning",
     "prune_and_unload",
