@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from . import gates
 from .config import GateConfig
 from .gates import SparsityCoefficient
+from .quantization import is_quantized_linear
 
 
 def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -136,7 +137,7 @@ class GateLayer(BaseTunerLayer):
         which dequantizes into a new dense model.
         """
         base = self.get_base_layer()
-        if not isinstance(base, (nn.Linear, Conv1D)) or not base.weight.dtype.is_floating_point:
+        if is_quantized_linear(base) or not isinstance(base, (nn.Linear, Conv1D)):
             raise ValueError(
                 f"cannot fold gates in place into {type(base).__name__}; use merge_and_unload(), which "
                 "dequantizes into a new pruned dense model"

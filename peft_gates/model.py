@@ -13,6 +13,7 @@ from .config import GateConfig
 from .gates import SparsityCoefficient
 from .layer import GateLayer, Linear, in_out_features
 from .pruning import DEFAULT_MULTIPLE_OF
+from .quantization import disable_cpu_repacking
 
 
 class GateModel(BaseTuner):
@@ -96,6 +97,9 @@ class GateModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _post_injection_hook(self, model: nn.Module, config: GateConfig, adapter_name: str) -> None:
+        # bitsandbytes would otherwise repack 4-bit weights on the first eval forward on CPUs with
+        # AVX512-BF16 into a layout without backward: gates would silently stop training.
+        disable_cpu_repacking(model)
         layers = self.gated_layers(adapter_name)
         self.sparsity_coefficients[adapter_name] = SparsityCoefficient(
             weight=config.lambda_at(0), num_terms=len(layers)

@@ -34,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from . import gates
 from .architectures import ArchSpec, AttentionShape, arch_spec, attention_shape, find_blocks
 from .layer import GateLayer, in_out_features
+from .quantization import dequantize_weight, is_quantized_linear, mark_dequantized
 
 #: Kept MLP widths are rounded up to a multiple of this. Measured on an H100 (shared/notes/method.md):
 #: a Llama block with an odd kept width ran at 0.34-0.65x the dense speed (pruning made it SLOWER),
@@ -229,17 +230,9 @@ def _take(tensor: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.T
 
 def _dense_weight(module: nn.Module, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, in) float weight and bias of a Linear-like layer; quantized layers are dequantized."""
-    if isinstance(module, (nn.Linear, Conv1D)) and module.weight.dtype.is_floating_point:
+    if not is_quantized_linear(module):
         weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
         return weight.detach(), None if module.bias is None else module.bias.detach()
-    try:
-        from .quantization import dequantize_weight
-    except ImportError as err:
-        raise ImportError(
-            f"pruning a quantized base layer ({type(module).__name__}) needs "
-            "peft_gates.quantization.dequantize_weight, which this installation lacks; update peft_gates, "
-            "or load the base model unquantized before pruning"
-        ) from err
     weight = dequantize_weight(module)
     bias = getattr(module, "bias", None)
     # The stored weight dtype (uint8/int8) means nothing here; the bias, when present, is kept in the
@@ -833,7 +826,10 @@ def prune_and_unload(
             layer.base_layer = rebuild_linear(
                 layer.get_base_layer(), z_row=g.z_row, z_col=g.z_col, dtype=dtype
             )
+    was_quantized = any(is_quantized_linear(m) for m in tuner.model.modules() if not isinstance(m, GateLayer))
     model = tuner.unload()
+    if was_quantized and not any(is_quantized_linear(m) for m in model.modules()):
+        mark_dequantized(model)
     if not plan.supported:
         warnings.warn(
             f"model_type={plan.model_type!r} has no ArchSpec entry in "

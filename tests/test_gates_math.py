@@ -45,8 +45,7 @@ def test_gate_sample_task_gradient_and_injected_sparsity_gradient():
     upstream = torch.tensor([1.0, 2.0, 5.0])
     z.backward(upstream)
 
-    leaf = theta.detach().clone().requires_grad_(True)
-    (reg,) = torch.autograd.grad(gates.sparsity_term(leaf, 0.7, 0.5), leaf)
+    reg = gates.sparsity_term_grad(theta.detach(), 0.7, 0.5)
     sech2 = 1 - torch.tanh(theta.detach()) ** 2
     inside = torch.tensor([1.0, 1.0, 0.0])  # the third gate is clamped at 1: no task gradient
     torch.testing.assert_close(theta.grad, upstream * inside * sech2 + coef * reg)
@@ -61,3 +60,10 @@ def test_zero_coefficient_injects_nothing():
 def test_coefficient_averages_over_layers_and_sides():
     coef = gates.SparsityCoefficient(weight=50.0, grad_scale=0.5, num_terms=10)
     assert coef.per_vector(sides=2) == pytest.approx(50.0 * 0.5 / 10 / 2)
+
+
+def test_closed_form_sparsity_gradient_equals_autograd():
+    theta = torch.linspace(-2.0, 2.0, 37, requires_grad=True)
+    for keep in (0.2, 0.9):
+        (expected,) = torch.autograd.grad(gates.sparsity_term(theta, keep, 0.5), theta)
+        torch.testing.assert_close(gates.sparsity_term_grad(theta.detach(), keep, 0.5), expected)

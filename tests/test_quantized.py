@@ -378,20 +378,11 @@ def test_dequantize_and_fold_matches_the_gated_quantized_forward(base_dir, name,
         assert rel(gated_train, merged) < 1e-5
 
 
-def _xfail_bf16_storage(name: str):
-    if name == "nf4-bf16-storage":
-        return pytest.mark.xfail(
-            reason="pruning._dense_weight / GateLayer.merge test weight.dtype.is_floating_point, which is "
-            "true for a Linear4bit with bf16 quant_storage; they need quantization.is_quantized_linear",
-            strict=False,
-        )
-    return []
-
-
 @pytest.mark.parametrize("placement", ["both", "units"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_xfail_bf16_storage(n)) for n in QUANT])
+@pytest.mark.parametrize("name", QUANT)
 def test_prune_and_unload_matches_the_gated_quantized_forward(base_dir, name, placement):
-    pruning = pytest.importorskip("peft_gates.pruning")
+    from peft_gates import pruning
+
     model = _gated(base_dir, name, placement)
     x = batch()
     model.eval()
@@ -407,7 +398,7 @@ def test_prune_and_unload_matches_the_gated_quantized_forward(base_dir, name, pl
     assert rel(gated, merged) < BOUND[name]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_xfail_bf16_storage(n)) for n in QUANT])
+@pytest.mark.parametrize("name", QUANT)
 def test_in_place_merge_is_refused_with_the_supported_path(base_dir, name):
     model = _gated(base_dir, name, "both")
     x = batch()
@@ -441,7 +432,8 @@ def test_merged_model_saves_and_reloads_dense(base_dir, tmp_path):
 
 
 def test_requantize_round_trip(base_dir, tmp_path):
-    pruning = pytest.importorskip("peft_gates.pruning")
+    from peft_gates import pruning
+
     model = _gated(base_dir, "nf4-dq", "units")
     x = batch()
     dense = mark_dequantized(pruning.prune_and_unload(model, multiple_of=1)).eval()
@@ -483,9 +475,11 @@ def _word_tokenizer():
 
 
 def test_sft_trainer_on_a_4bit_base_keeps_gates_fp32_and_merges(base_dir, tmp_path):
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
-    training = pytest.importorskip("peft_gates.training")
+    import datasets
+    import trl
+
+    from peft_gates import training
+
     model = load_quantized(base_dir, "nf4-dq")
     rows = [{"text": " ".join(f"w{(7 * i + j) % 80}" for j in range(12))} for i in range(16)]
     trainer = trl.SFTTrainer(
@@ -535,8 +529,8 @@ def test_sft_trainer_on_a_4bit_base_keeps_gates_fp32_and_merges(base_dir, tmp_pa
 
 @pytest.mark.slow
 def test_smollm2_in_4bit_trains_merges_and_matches(tmp_path):
-    assets = pytest.importorskip("peft_gates.assets")
-    pruning = pytest.importorskip("peft_gates.pruning")
+    from peft_gates import assets, pruning
+
     try:
         dense, tokenizer = assets.load_smollm2()  # the GGUF dequantized by transformers, fp32
     except RuntimeError as err:
