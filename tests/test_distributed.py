@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,18 +45,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def torchrun(script: str, out: Path, *args: str, timeout: int = 300) -> dict:
-    """Run ``torchrun --standalone --nproc_per_node 2 script out args``; return rank 0's JSON result.
-
-    The launcher and its workers run in their own process group, killed as a whole on timeout.
-    """
+def launch(cmd: list[str], out: Path, timeout: int = 300) -> None:
+    """Run a multi-process launcher in its own process group (killed as a whole on timeout)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    # no_shm/sitecustomize.py keeps DeepSpeed from JIT-compiling an op training never uses (~2 min).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SCRIPTS / "no_shm"), env.get("PYTHONPATH")]))
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(SCRIPTS / script), str(out), *args,
-    ]  # fmt: skip
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -75,7 +71,19 @@ def torchrun(script: str, out: Path, *args: str, timeout: int = 300) -> dict:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
         )
+
+
+def torchrun(script: str, out: Path, *args: str) -> dict:
+    """``torchrun --standalone --nproc_per_node 2 script out args``; rank 0's JSON result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launch([*cmd, str(SCRIPTS / script), str(out), *args], out)
     return json.loads(out.read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 _REFS: dict[str, dict] = {}
@@ -157,12 +165,41 @@ def test_zero3_partitioned_gates_reentrant(tmp_path_factory, tmp_path):
     compare("zero3_gc_reentrant", reference(tmp_path_factory), result)
 
 
-def test_zero3_bf16(tmp_path_factory, tmp_path):
-    """DeepSpeed bf16 (runs on the CPU accelerator; fp16 does not): curves close to fp32.
+def test_sft_script_zero3_bf16(tmp_path):
+    """integrations/trl/sft_gates.py under ``accelerate launch`` with integrations/accelerate/zero3.yaml
+    (2 processes, bf16, base partitioned by zero.Init at load, TRL's PEFT + ZeRO-3 path, adapter saved
+    by ZeRO-3 gathering, then pruned on the main process) against the same script in one fp32 process.
 
-    Individual gates may differ by ~0.1 where bf16 rounding flips a clamp boundary, so the comparison
-    is on the curves; a wrong sparsity-gradient scale moves the sparsity curve by > 1e-2.
+    bf16 rounding flips a few gates at clamp boundaries, so the comparison is on the curves; a wrong
+    sparsity-gradient scale (x2 for the world size or GA) moves the sparsity curve by > 1e-2.
     """
-    result = torchrun("ds_train.py", tmp_path / "z3bf16.json", "3", "bf16")
-    assert (result.get("zero_stage"), result.get("world_size")) == (3, 2), result.get("error")
-    compare("zero3_bf16", reference(tmp_path_factory), result, tol=2e-3, gates=False)
+    script = g.load_integration("trl/sft_gates.py")
+    base_dir, data_dir = g.write_sft_inputs(tmp_path)
+    ref = script.main(g.sft_argv(base_dir, data_dir, tmp_path / "ref"))
+    ref_log = [
+        h
+        for h in json.loads((tmp_path / "ref" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in h
+    ]
+
+    out = tmp_path / "z3"
+    argv = g.sft_argv(
+        base_dir, data_dir, out, per_device_train_batch_size=2, bf16=True,
+        accelerator_config='{"use_configured_state": true}',
+    )  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(g.INTEGRATIONS / "accelerate" / "zero3.yaml"), "--num_processes", "2",
+        "--main_process_port", str(free_port()), str(g.INTEGRATIONS / "trl" / "sft_gates.py"), *argv,
+    ]  # fmt: skip
+    launch(cmd, out / "pruned" / "config.json", timeout=400)
+    log = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert [h["num_tokens"] for h in log] == [h["num_tokens"] for h in ref_log]  # 2 ranks x 2 rows per step
+    diffs = {
+        key: float(np.abs(np.subtract([h[key] for h in ref_log], [h[key] for h in log])).max())
+        for key in ("loss", "sparsity_loss", "sparsity_realized")
+    }
+    REPORT["sft_zero3_bf16"] = diffs
+    print(f"sft_zero3_bf16: max differences to one fp32 process {diffs}")
+    assert diffs["sparsity_loss"] < 2e-3 and diffs["loss"] < 2e-3 and diffs["sparsity_realized"] < 1e-2, diffs
+    assert ref["final_log"]["params_removable"] > 0

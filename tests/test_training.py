@@ -9,7 +9,6 @@ sensitive to exactly the errors they guard against.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 import warnings
@@ -218,11 +217,23 @@ def test_gradient_accumulation_matches_full_batch(tmp_path_factory):
     ga4 = run(tmp_path_factory, per_device_train_batch_size=1, gradient_accumulation_steps=4)
     assert_same(ref, ga2)
     assert_same(ref, ga4)
-    # Negative control: without attach() the injected gradient is not divided by GA (2x too strong).
+    # Negative controls: the injected gradient not divided by GA (2x too strong) must show.
     unscaled = run(
         tmp_path_factory, attach_callback=False, per_device_train_batch_size=2, gradient_accumulation_steps=2
     )
     assert max_diff(ref, unscaled)["gates"] > 0.1
+    from transformers import Trainer
+
+    out = str(tmp_path_factory.mktemp("ga_unscaled"))
+    trainer = Trainer(
+        model=g.gated_model(),
+        args=g.training_args(out, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=g.RowsDataset(g.token_rows()),
+    )
+    attach(trainer)._gradient_accumulation_steps = lambda args: 1  # "forgot" the GA division
+    trainer.train()
+    control = max_diff(ref, {"curves": g.curves(trainer), "gates": g.gate_vectors(trainer.model)})
+    assert control["gates"] > 0.1 and control["sparsity_loss"] > 1e-2, control
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -277,15 +288,11 @@ def test_resume_from_checkpoint_gives_the_same_gates(tmp_path_factory):
     assert full["curves"]["sparsity_lambda"][:4] == [0.0, 0.0, 1.25, 2.5]
 
 
-# --------------------------------------------------------------------------------------------- accelerate loop
+# ------------------------------------------------------------------------------------------ accelerate loop
 
 
 def _load_integration(relative: str):
-    path = g.INTEGRATIONS / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return g.load_integration(relative)
 
 
 def test_plain_accelerate_loop_matches_trainer(tmp_path_factory):
@@ -377,6 +384,47 @@ def test_sft_trainer_quantized_base_gates_back_to_fp32(tmp_path):
     assert curve[-1] < curve[0]
 
 
+# --------------------------------------------------------------------------------------------- TRL script
+
+
+def test_sft_script_trains_saves_and_prunes(tmp_path):
+    """integrations/trl/sft_gates.py end to end on CPU: local model dir + local jsonl, no downloads."""
+    from transformers import AutoModelForCausalLM
+
+    script = _load_integration("trl/sft_gates.py")
+    base_dir, data_dir = g.write_sft_inputs(tmp_path)
+    out_dir = tmp_path / "out"
+    result = script.main(g.sft_argv(base_dir, data_dir, out_dir))
+    final = result["final_log"]
+    assert (
+        final["sparsity_lambda"] == 5.0 and final["sparsity_realized"] > 0 and final["params_removable"] > 0
+    )
+    assert (out_dir / "adapter_config.json").exists()
+    pruned = AutoModelForCausalLM.from_pretrained(result["pruned_dir"])
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    n_base, n_pruned = (sum(p.numel() for p in m.parameters()) for m in (base, pruned))
+    assert n_base - n_pruned == final["params_removable"]
+
+
+def test_gate_arguments_mirror_gate_config():
+    from dataclasses import fields
+
+    script = _load_integration("trl/sft_gates.py")
+    args = script.GateArguments()
+    config = peft_gates.GateConfig()
+    for f in fields(args):
+        if f.name in args.MERGE_ONLY:
+            continue
+        name = args.RENAMED.get(f.name, f.name)
+        expected = getattr(config, name)
+        value = getattr(args, f.name)
+        assert (str(expected) if name == "column_group_size" else expected) == value, name
+    built = script.GateArguments(
+        column_group_size='{"o_proj": 8}', gate_target_modules=["all-linear"]
+    ).to_config()
+    assert built.column_group_size == {"o_proj": 8} and built.target_modules == "all-linear"
+
+
 # --------------------------------------------------------------------------------------------- checks
 
 
@@ -399,7 +447,7 @@ def test_refuses_setups_where_the_term_would_silently_not_apply(tmp_path):
     with pytest.raises(ValueError, match="gates no layer"):
         attach(trainer_for(gateless))
     frozen = g.gated_model()
-    for n, p in frozen.named_parameters():
+    for p in frozen.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no gate of adapter 'default' is trainable"):
         attach(trainer_for(frozen))

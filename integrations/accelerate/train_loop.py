@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Iterable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from peft import get_peft_model
 from torch import nn
 
@@ -102,6 +103,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU multi-process (gloo): accelerate 1.15 under DeepSpeed counts one process unless the
+        # distributed state exists before the Accelerator is built.
+        PartialState(backend="gloo")
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
     torch.manual_seed(0)
     if args.model_path:

@@ -200,3 +200,41 @@ def tiny_tokenizer():
 def text_rows(n: int = NUM_EXAMPLES) -> list[dict[str, str]]:
     """The token rows of :func:`token_rows` as text for SFTTrainer (words w0..w60)."""
     return [{"text": " ".join(f"w{t % (VOCAB - 3)}" for t in row)} for row in token_rows(n)]
+
+
+def load_integration(relative: str):
+    """Import a script from integrations/ as a module (registered, so dataclasses resolve annotations)."""
+    import importlib.util
+
+    path = INTEGRATIONS / relative
+    if path.stem in sys.modules:
+        return sys.modules[path.stem]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_sft_inputs(root: Path) -> tuple[Path, Path]:
+    """A local model dir (tiny Llama + tokenizer) and a local jsonl data dir for integrations/trl."""
+    base_dir, data_dir = Path(root) / "base", Path(root) / "data"
+    tiny_llama().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in text_rows()))
+    return base_dir, data_dir
+
+
+def sft_argv(base_dir: Path, data_dir: Path, out_dir: Path, **overrides: Any) -> list[str]:
+    """Command line of integrations/trl/sft_gates.py for the tiny set-up (SGD, no gate noise, 6 steps)."""
+    options: dict[str, Any] = {
+        "model_name_or_path": base_dir, "dataset_name": data_dir, "output_dir": out_dir, "max_steps": 6,
+        "per_device_train_batch_size": 4, "learning_rate": 50, "optim": "sgd",
+        "lr_scheduler_type": "constant", "logging_steps": 1, "report_to": "none", "use_cpu": True,
+        "bf16": False, "save_strategy": "no", "dtype": "float32", "sparsity_weight": 5,
+        "target_sparsity": 0.5, "init_mean": 0.6, "init_std": 0.3, "noise_std": 0, "prune_multiple_of": 1,
+        "seed": 0,
+    }  # fmt: skip
+    options.update(overrides)
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]

@@ -1,0 +1,267 @@
+"""Supervised finetuning with FineGates gates under TRL's SFTTrainer, then the pruning merge.
+
+TRL-style command line (``TrlParser``: ScriptArguments, SFTConfig, ModelConfig, and GateArguments for
+the ``GateConfig`` fields); accepts ``--config recipe.yaml`` like the TRL scripts. Trains the gates,
+saves the adapter to ``--output_dir``, then (main process, after training) reloads base + adapter in a
+plain fp32 process-local copy, folds the gates and cuts closed units out, and saves the smaller model
+to ``--pruned_output_dir`` (default ``OUTPUT_DIR/pruned``).
+
+Single process (CPU works with a local model directory and a local data set; nothing is downloaded
+when both are local):
+
+    python integrations/trl/sft_gates.py --model_name_or_path ./my-llama --dataset_name ./data \\
+        --output_dir out --max_steps 200 --learning_rate 1e-2 --bf16 False --use_cpu True
+
+Multi-GPU (see integrations/README.md): ``accelerate launch --config_file
+integrations/accelerate/zero3.yaml integrations/trl/sft_gates.py ...``.
+
+``--dataset_name`` takes a hub name, a local directory of data files (json/jsonl/csv/parquet), a single
+data file, or a directory written by ``datasets.save_to_disk``; rows need a ``text`` column or TRL's
+conversational / prompt-completion columns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import peft_gates
+from peft_gates.training import attach
+
+logger = logging.getLogger("sft_gates")
+
+_DATA_FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+@dataclass
+class GateArguments:
+    """Command-line mirror of :class:`peft_gates.GateConfig` (same names and defaults), plus the merge.
+
+    ``gate_target_modules`` / ``gate_exclude_modules`` / ``gate_modules_to_save`` / ``gate_bias`` are
+    prefixed so they do not clash with ModelConfig's LoRA options; ``column_group_size`` takes an
+    integer or a JSON mapping (``'{"o_proj": 64}'``).
+    """
+
+    gate_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to gate (suffixes, or 'all-linear'); default: every Linear but lm_head."},
+    )
+    gate_exclude_modules: list[str] | None = field(default=None, metadata={"help": "Modules never to gate."})
+    gate_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved."}
+    )
+    placement: str = field(default="both", metadata={"help": "rows | columns | both | units."})
+    column_group_size: str = field(default="1", metadata={"help": "int, or JSON {module-suffix: size}."})
+    target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gates to close."})
+    sparsity_weight: float = field(default=50.0, metadata={"help": "lambda of the sparsity term."})
+    init_mean: float = field(default=1.0, metadata={"help": "Mean of the raw gate init."})
+    init_std: float = field(default=0.1, metadata={"help": "Std of the raw gate init."})
+    noise_std: float = field(default=0.1, metadata={"help": "Std of the training noise."})
+    sigma: float = field(default=0.5, metadata={"help": "Scale of the open probability."})
+    sparsity_start_step: int = field(default=0, metadata={"help": "Optimizer steps before the term starts."})
+    sparsity_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up of lambda (steps)."})
+    gate_bias: str = field(default="none", metadata={"help": "none | all | peft_gates_only."})
+    prune: bool = field(
+        default=True, metadata={"help": "After training, fold the gates and prune the model."}
+    )
+    pruned_output_dir: str | None = field(default=None, metadata={"help": "Default: OUTPUT_DIR/pruned."})
+    prune_multiple_of: int = field(
+        default=128,
+        metadata={"help": "Round kept MLP widths up to this multiple (hardware-friendly shapes)."},
+    )
+
+    # GateArguments field -> GateConfig field, where the names differ.
+    RENAMED = {
+        "gate_target_modules": "target_modules",
+        "gate_exclude_modules": "exclude_modules",
+        "gate_modules_to_save": "modules_to_save",
+        "gate_bias": "bias",
+    }
+    MERGE_ONLY = ("prune", "pruned_output_dir", "prune_multiple_of")
+
+    def to_config(self) -> peft_gates.GateConfig:
+        """The GateConfig these arguments describe."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in self.MERGE_ONLY:
+                continue
+            kwargs[self.RENAMED.get(f.name, f.name)] = getattr(self, f.name)
+        size = kwargs["column_group_size"].strip()
+        kwargs["column_group_size"] = json.loads(size) if size.startswith("{") else int(size)
+        if kwargs["target_modules"] == ["all-linear"]:
+            kwargs["target_modules"] = "all-linear"
+        return peft_gates.GateConfig(task_type="CAUSAL_LM", **kwargs)
+
+
+def load_train_eval(script_args: Any, training_args: Any) -> tuple[Any, Any]:
+    """Train (and eval) splits from a hub name, a local data dir/file, or a ``save_to_disk`` dir."""
+    import datasets
+
+    name = script_args.dataset_name
+    if not name:
+        raise ValueError(
+            "--dataset_name is required (a hub name, a local data dir or file, or a save_to_disk dir)"
+        )
+    path = Path(name)
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        data = datasets.load_from_disk(str(path))
+    elif path.is_file():
+        builder = _DATA_FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"--dataset_name {name}: unknown data file type {path.suffix!r}")
+        data = datasets.load_dataset(builder, data_files=str(path))
+    else:  # a local directory of data files, or a hub name
+        data = datasets.load_dataset(name, name=script_args.dataset_config)
+    if isinstance(data, datasets.Dataset):
+        data = datasets.DatasetDict({script_args.dataset_train_split: data})
+    train = data[script_args.dataset_train_split]
+    evaluation = None
+    if training_args.eval_strategy != "no":
+        evaluation = data[script_args.dataset_test_split]
+    return train, evaluation
+
+
+def prune_saved_adapter(
+    model_args: Any, adapter_dir: str, out_dir: str, tokenizer: Any, multiple_of: int
+) -> Path | None:
+    """Reload base + gate adapter (fp32, this process only), fold and prune, save the smaller model.
+
+    Works the same after single-process, DDP and ZeRO runs: PEFT's merge is not ZeRO-3 aware, so the
+    merge never touches the training model; ZeRO-3's load-time partitioning is switched off first.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if is_deepspeed_zero3_enabled():
+        unset_hf_deepspeed_config()
+    base = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=torch.float32,
+        device_map="cpu",
+    )
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    try:
+        from peft_gates.export import save_pruned
+        from peft_gates.pruning import plan_pruning
+    except ImportError as err:
+        merged = peft_model.merge_and_unload()
+        fallback = Path(out_dir).with_name(Path(out_dir).name + "-merged")
+        merged.save_pretrained(fallback)
+        tokenizer.save_pretrained(fallback)
+        logger.warning(
+            "peft_gates.export.save_pruned / peft_gates.pruning.plan_pruning are not available (%s): "
+            "saved the merged model (gates folded, closed units NOT removed) to %s",
+            err,
+            fallback,
+        )
+        return fallback
+    plan = plan_pruning(peft_model, multiple_of=multiple_of)
+    pruned = peft_model.merge_and_unload(multiple_of=multiple_of)  # GateModel's merge is the pruning merge
+    kwargs: dict[str, Any] = {"tokenizer": tokenizer, "overwrite": True}
+    if "report" in inspect.signature(save_pruned).parameters:
+        kwargs["report"] = plan
+    saved = save_pruned(pruned, out_dir, **kwargs)
+    logger.info(
+        "pruned model saved to %s: %d of %d parameters removed",
+        saved,
+        plan.params_removed,
+        plan.params_total_before,
+    )
+    return Path(saved)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` (default ``sys.argv``), train, save, prune; return paths and final metrics."""
+    from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
+
+    if (
+        not torch.cuda.is_available()
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    ):
+        # CPU DeepSpeed (a test set-up): accelerate 1.15 counts one process unless the gloo state is
+        # built first; pass --accelerator_config '{"use_configured_state": true}' to use it.
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, GateArguments))
+    script_args, training_args, model_args, gate_args = parser.parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    if model_args.use_peft:
+        raise ValueError(
+            "--use_peft configures LoRA; this script trains gates (see the GateArguments options)"
+        )
+
+    # transformers turns find_unused_parameters on for a PeftModel; every gate is used in every step,
+    # and with reentrant checkpointing DDP would fail, so default it off (attach() checks it).
+    if training_args.gradient_checkpointing and training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False
+
+    quantization_config = get_quantization_config(model_args)
+    model_init_kwargs = dict(training_args.model_init_kwargs or {})
+    model_init_kwargs.setdefault("revision", model_args.model_revision)
+    model_init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+    model_init_kwargs.setdefault("dtype", model_args.dtype)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    train_dataset, eval_dataset = load_train_eval(script_args, training_args)
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=quantization_config,
+        peft_config=gate_args.to_config(),
+    )
+    if quantization_config is not None:
+        # bitsandbytes on CPUs with avx512_bf16: a first eval-mode forward without gradients repacks 4-bit
+        # weights into a layout without autograd; prepare_quantized_for_gates switches that off.
+        try:
+            from peft_gates.quantization import prepare_quantized_for_gates
+        except ImportError:
+            trainer.model.train()
+        else:
+            prepare_quantized_for_gates(trainer.model)
+    attach(trainer)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: log_history with the gate metrics of every logging step
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    result: dict[str, Any] = {
+        "adapter_dir": training_args.output_dir,
+        "final_log": train_logs[-1] if train_logs else {},
+    }
+
+    trainer.accelerator.wait_for_everyone()
+    if gate_args.prune and trainer.accelerator.is_main_process:
+        out_dir = gate_args.pruned_output_dir or os.path.join(training_args.output_dir, "pruned")
+        result["pruned_dir"] = str(
+            prune_saved_adapter(
+                model_args,
+                training_args.output_dir,
+                out_dir,
+                trainer.processing_class,
+                gate_args.prune_multiple_of,
+            )
+        )
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+if __name__ == "__main__":
+    main()
