@@ -1,0 +1,119 @@
+"""A plain accelerate training loop with gates: the one call a hand-written loop needs.
+
+The sparsity gradient is injected in the backward pass of the gate layers, so the loop back-propagates the
+task loss only. Once per optimizer step, before its first micro-batch, it calls
+``peft_gates.training.set_sparsity_step(model, step, accelerator)``: lambda from the GateConfig schedule,
+and the injected gradient scaled like ``accelerator.backward`` scales the loss (1 / gradient accumulation
+steps, times the fp16 loss scale). Runs unchanged under ``accelerate launch`` (DDP, DeepSpeed).
+
+    python examples/accelerate_loop.py                       # SmolLM2-135M-Instruct, sentiment answers
+    accelerate launch --config_file integrations/accelerate/ddp.yaml examples/accelerate_loop.py
+    python examples/accelerate_loop.py --smoke               # tiny random model, a few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+
+import peft_gates
+from peft_gates import assets
+from peft_gates.training import set_sparsity_step
+
+
+def encode(tokenizer, pairs: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
+    """Chat prompt + answer word; the loss covers the answer tokens only (labels -100 on the prompt)."""
+    rows = []
+    for sentence, label in pairs:
+        prompt = tokenizer(assets.sentiment_prompt(tokenizer, sentence), add_special_tokens=False)[
+            "input_ids"
+        ]
+        answer = tokenizer(assets.ANSWER_WORDS[label] + tokenizer.eos_token, add_special_tokens=False)[
+            "input_ids"
+        ]
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    for r in rows:
+        pad = width - len(r["input_ids"])
+        batch["input_ids"].append(r["input_ids"] + [pad_id] * pad)
+        batch["labels"].append(r["labels"] + [-100] * pad)
+        batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
+    return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few steps, temp dir")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--train-size", type=int, default=1200)
+    parser.add_argument("--out", default="gates-accelerate", help="output directory")
+    args = parser.parse_args()
+
+    if args.smoke:
+        import _smoke
+
+        _smoke.enter_smoke_mode()
+        tokenizer = _smoke.tiny_tokenizer()
+        model = _smoke.tiny_causal_lm(tokenizer)
+        pairs = _smoke.synthetic_sentiment(32)
+        args.steps, args.gradient_accumulation_steps = 3, 2
+    else:
+        model, tokenizer = assets.load_smollm2()
+        pairs = assets.load_movie_sentences()[0][: args.train_size]
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    model = get_peft_model(model, peft_gates.GateConfig(task_type="CAUSAL_LM", placement="units"))
+    loader = torch.utils.data.DataLoader(
+        encode(tokenizer, pairs),
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id),
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    model.train()
+    step = micro = 0
+    while step < args.steps:
+        for batch in loader:
+            if micro % accelerator.gradient_accumulation_steps == 0:
+                set_sparsity_step(model, step, accelerator)  # start of an optimizer step
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            micro += 1
+            if accelerator.sync_gradients:
+                step += 1
+                if step % 10 == 0 or step == args.steps:
+                    accelerator.print(f"step {step}: loss {loss.item():.3f}")
+                if step == args.steps:
+                    break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        gated = accelerator.unwrap_model(model)
+        print(peft_gates.gate_statistics(gated).summary())
+        out = Path(args.out)
+        gated.save_pretrained(out / "adapter")
+        pruned = gated.merge_and_unload()
+        saved = peft_gates.save_pruned(pruned, out / "pruned", tokenizer=tokenizer, overwrite=True)
+        print(f"pruned model: {sum(p.numel() for p in pruned.parameters()):,} parameters in {saved}")
+
+
+if __name__ == "__main__":
+    main()

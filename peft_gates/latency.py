@@ -1,0 +1,367 @@
+"""Small, reusable latency measurement: prefill at batch x seq and batched decode with a KV cache.
+
+Pruning only pays off if the smaller model is really faster on the target hardware (odd widths can make
+it slower, see the concepts page), so the numbers must come from the same, careful procedure every time:
+
+* **prefill**: one forward over ``batch x seq_len`` random token ids, no cache, logits of the last position
+  only (what generation needs; a full ``batch x seq x vocab`` logits tensor would time the LM head instead);
+* **decode**: after an untimed prompt of ``batch x seq_len`` tokens, ``new_tokens`` greedy steps reusing the
+  model's KV cache, timed together; tokens/s = ``batch * new_tokens / time``. A hand-written loop rather than
+  ``generate`` so that neither the prompt nor ``generate``'s bookkeeping ends up in the number;
+* ``warmup`` untimed runs first (allocator, kernel selection, lazy init), then ``repeats`` timed runs, of
+  which the **median** is reported (robust to a stray slow run on a shared machine);
+* every timed region ends with a device synchronize, so a CUDA timing measures the kernels, not their launch.
+
+Used by ``peft-gates bench``; :func:`measure_latency` returns a :class:`LatencyResult` whose
+:meth:`~LatencyResult.to_dict` is JSON-ready.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LatencyResult",
+    "TimingStats",
+    "measure_decode",
+    "measure_latency",
+    "measure_prefill",
+    "random_input_ids",
+    "synchronize",
+    "time_fn",
+]
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until queued work on ``device`` is done (CUDA and other async backends; a no-op on CPU).
+
+    Without it a GPU timing stops when the kernels are *queued*, which can be long before they finish.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    sync = getattr(backend, "synchronize", None)
+    if callable(sync):
+        if device.type == "cuda":
+            sync(device)
+        else:
+            sync()
+
+
+@dataclass
+class TimingStats:
+    """Wall-clock samples of one timed operation, in seconds (median is the figure to report)."""
+
+    samples_s: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.samples_s)
+
+    @property
+    def mean_s(self) -> float:
+        return statistics.fmean(self.samples_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.samples_s)
+
+    @property
+    def max_s(self) -> float:
+        return max(self.samples_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "median_s": self.median_s,
+            "mean_s": self.mean_s,
+            "min_s": self.min_s,
+            "max_s": self.max_s,
+            "samples_s": list(self.samples_s),
+        }
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    repeats: int = 5,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    on_sample: Callable[[], None] | None = None,
+) -> TimingStats:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed, synchronizing ``device``.
+
+    ``on_sample`` is called after every call (warm-up included), outside the timed region: a hook for
+    progress bars that does not disturb the measurement.
+    """
+    _check_counts(repeats, warmup)
+    for _ in range(warmup):
+        fn()
+        if on_sample is not None:
+            on_sample()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+        if on_sample is not None:
+            on_sample()
+    return TimingStats(samples)
+
+
+def _check_counts(repeats: int, warmup: int) -> None:
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is invalid: time at least one run (the median of repeats)")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r} is invalid: use an integer >= 0")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if not vocab:
+        raise ValueError(f"{type(model).__name__}.config has no vocab_size: cannot make token-id inputs")
+    return int(vocab)
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def random_input_ids(
+    vocab_size: int, batch: int, seq_len: int, seed: int = 0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``batch x seq_len`` token ids drawn from a private generator (same ids for every model timed).
+
+    Content does not change the cost of a dense forward, but identical inputs keep dense-vs-pruned
+    comparisons free of any doubt. Ids avoid the first few (often special) tokens when the vocabulary allows.
+    """
+    low = 3 if vocab_size > 3 else 0
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab_size, (batch, seq_len), generator=generator).to(device)
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``logits_to_keep=1`` where the model accepts it (causal LMs): generation reads the last position."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def measure_prefill(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    repeats: int = 5,
+    warmup: int = 2,
+    on_sample: Callable[[], None] | None = None,
+) -> TimingStats:
+    """Time one forward over ``input_ids`` (no KV cache; last-position logits where supported)."""
+    kwargs = _forward_kwargs(model)
+    if getattr(model.config, "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    with torch.inference_mode():
+        return time_fn(
+            lambda: model(input_ids=input_ids, **kwargs), repeats, warmup, input_ids.device, on_sample
+        )
+
+
+def measure_decode(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    new_tokens: int,
+    repeats: int = 5,
+    warmup: int = 2,
+    on_sample: Callable[[], None] | None = None,
+) -> TimingStats:
+    """Time ``new_tokens`` greedy decode steps with the model's KV cache, after an untimed prompt.
+
+    Each run starts from a fresh cache: the prompt forward (``use_cache=True``) fills it, then each step
+    feeds the argmax token of the previous step. Only the steps are timed.
+    """
+    _check_counts(repeats, warmup)
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens!r} is invalid: decode at least one token")
+    device = prompt_ids.device
+    kwargs = _forward_kwargs(model)
+    samples = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            out = model(input_ids=prompt_ids, use_cache=True, **kwargs)
+            cache = out.past_key_values
+            if cache is None:
+                raise ValueError(
+                    f"{type(model).__name__} returned no KV cache: it cannot be timed for decode"
+                )
+            token = out.logits[:, -1:].argmax(-1)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                token = out.logits[:, -1:].argmax(-1)
+            synchronize(device)
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+            if on_sample is not None:
+                on_sample()
+    return TimingStats(samples)
+
+
+@dataclass
+class LatencyResult:
+    """Prefill latency and decode throughput of one model at one shape.
+
+    Attributes:
+        batch, seq_len: prefill shape (also the decode batch and prompt length).
+        new_tokens: timed decode steps per run.
+        repeats, warmup: timed and untimed runs; figures are medians over ``repeats``.
+        device, dtype: where and in which dtype the model ran.
+        parameters: parameter count of the model (what pruning shrinks).
+        prefill: timing samples of the prefill forward.
+        decode: timing samples of the ``new_tokens`` decode steps; ``None`` when decode was not measured.
+        decode_skipped: why decode was not measured (not a generative model, or not asked for).
+    """
+
+    batch: int
+    seq_len: int
+    new_tokens: int
+    repeats: int
+    warmup: int
+    device: str
+    dtype: str
+    parameters: int
+    prefill: TimingStats
+    decode: TimingStats | None = None
+    decode_skipped: str | None = None
+
+    @property
+    def prefill_ms(self) -> float:
+        return 1000.0 * self.prefill.median_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch * self.seq_len / self.prefill.median_s
+
+    @property
+    def decode_ms_per_step(self) -> float | None:
+        return None if self.decode is None else 1000.0 * self.decode.median_s / self.new_tokens
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return None if self.decode is None else self.batch * self.new_tokens / self.decode.median_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the settings, the medians, and the raw samples."""
+        return {
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "new_tokens": self.new_tokens,
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "device": self.device,
+            "dtype": self.dtype,
+            "parameters": self.parameters,
+            "prefill_ms": self.prefill_ms,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_ms_per_step": self.decode_ms_per_step,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "decode_skipped": self.decode_skipped,
+            "prefill": self.prefill.to_dict(),
+            "decode": None if self.decode is None else self.decode.to_dict(),
+        }
+
+
+def _can_generate(model: nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else False
+
+
+def measure_latency(
+    model: nn.Module,
+    batch: int = 1,
+    seq_len: int = 128,
+    new_tokens: int = 32,
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+    decode: bool = True,
+    seed: int = 0,
+    on_sample: Callable[[], None] | None = None,
+) -> LatencyResult:
+    """Prefill latency at ``batch x seq_len`` and decode tokens/s over ``new_tokens`` steps of ``model``.
+
+    The model is timed where it is (its device and dtype; move it first) and in eval mode (restored
+    afterwards). Decode is measured for generative models only (``model.can_generate()``); encoders get
+    prefill only, with the reason in ``decode_skipped``. Inputs are random token ids from ``seed``, so two
+    models of the same vocabulary see the same inputs.
+
+    Raises:
+        ValueError: bad counts, or ``seq_len + new_tokens`` beyond the model's position embeddings.
+    """
+    for name, value in (("batch", batch), ("seq_len", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1")
+    _check_counts(repeats, warmup)
+    generative = _can_generate(model)
+    do_decode = decode and generative and new_tokens > 0
+    limit = _max_positions(model)
+    needed = seq_len + (new_tokens if do_decode else 0)
+    if limit is not None and needed > limit:
+        what = f"seq_len={seq_len} + new_tokens={new_tokens}" if do_decode else f"seq_len={seq_len}"
+        raise ValueError(
+            f"{what} = {needed} positions exceed the model's {limit} position embeddings; time a shorter "
+            "sequence"
+        )
+    device = _model_device(model)
+    first = next(model.parameters(), None)
+    dtype = first.dtype if first is not None else torch.get_default_dtype()
+    ids = random_input_ids(_vocab_size(model), batch, seq_len, seed=seed, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        prefill = measure_prefill(model, ids, repeats, warmup, on_sample)
+        timing = measure_decode(model, ids, new_tokens, repeats, warmup, on_sample) if do_decode else None
+    finally:
+        model.train(was_training)
+    if do_decode:
+        skipped = None
+    elif not decode or new_tokens <= 0:
+        skipped = "not requested"
+    else:
+        skipped = f"{type(model).__name__} is not a generative model"
+    return LatencyResult(
+        batch=batch,
+        seq_len=seq_len,
+        new_tokens=new_tokens if do_decode else 0,
+        repeats=repeats,
+        warmup=warmup,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        parameters=sum(p.numel() for p in model.parameters()),
+        prefill=prefill,
+        decode=timing,
+        decode_skipped=skipped,
+    )
