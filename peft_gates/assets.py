@@ -237,44 +237,35 @@ def load_smollm2(
 
     gguf = smollm2_gguf_path()
     stamp = _smollm2_stamp(gguf)
-    target = cache_root = None
-    if use_cache:
-        cache_root = _cache_root(cache_dir)
-        target = cache_root / SMOLLM2_CACHE_NAME
-        try:
-            fresh = json.loads((target / _SOURCE_STAMP).read_text()) == stamp
-        except (OSError, ValueError):
-            fresh = False
-        if fresh:
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(target)
-            return model.eval(), _with_pad(tokenizer)
+    target = resolve_cache_dir(cache_dir) / SMOLLM2_CACHE_NAME
+    try:
+        fresh = use_cache and json.loads((target / _SOURCE_STAMP).read_text()) == stamp
+    except (OSError, ValueError):
+        fresh = False
+    if fresh:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        return model.eval(), _with_pad(AutoTokenizer.from_pretrained(target))
     logger.info("dequantizing %s (about 20 s)", gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _make_saveable(model)
-    if target is not None and cache_root is not None:
+    if use_cache:
+
+        def write(d: Path) -> None:
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+            (d / _SOURCE_STAMP).write_text(json.dumps(stamp))
+
         try:
-
-            def write(d: Path) -> None:
-                model.save_pretrained(d)
-                tokenizer.save_pretrained(d)
-                (d / _SOURCE_STAMP).write_text(json.dumps(stamp))
-
             _write_atomically(target, write)
         except OSError as e:  # a read-only or full cache must not stop the caller
             logger.warning("could not cache SmolLM2 in %s: %s", target, e)
     return model.to(dtype).eval(), _with_pad(tokenizer)
 
 
-def _cache_root(path: str | None) -> Path:
-    root = resolve_cache_dir(path)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def _write_atomically(target: Path, write: Any) -> None:
     """Fill a temp dir next to ``target`` and rename it into place; a stale ``target`` is replaced."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         write(tmp)
