@@ -236,6 +236,28 @@ def test_gradient_accumulation_matches_full_batch(tmp_path_factory):
     assert control["gates"] > 0.1 and control["sparsity_loss"] > 1e-2, control
 
 
+def test_short_last_accumulation_window(tmp_path):
+    """30 rows, batch 2 x GA 2: the epoch's last step accumulates ONE micro-batch. The Trainer scales
+    that step's loss for one micro-batch; the sparsity gradient must follow, not args' GA.
+    """
+    from transformers import Trainer
+
+    def train(**kw) -> dict:
+        trainer = Trainer(
+            model=g.gated_model(),
+            args=g.training_args(str(tmp_path / str(len(kw))), train_sampling_strategy="sequential", **kw),
+            train_dataset=g.RowsDataset(g.token_rows(30)),
+        )
+        attach(trainer)
+        trainer.train()
+        return {"curves": g.curves(trainer), "gates": g.gate_vectors(trainer.model)}
+
+    ref = train(per_device_train_batch_size=4)  # 8 steps: 7 x 4 rows + 1 x 2 rows
+    ga2 = train(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert len(ga2["curves"]["loss"]) == 8
+    assert_same(ref, ga2)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_matches(tmp_path_factory, reentrant):
     ref = run(tmp_path_factory)
@@ -520,3 +542,45 @@ def test_public_api():
 
     assert callable(training.attach) and callable(training.set_sparsity_step)
     assert not math.isnan(peft_gates.GateConfig().sparsity_weight)
+
+
+# --------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_sft_trainer_smollm2_units_applies_the_term(tmp_path):
+    """SmolLM2-135M (real weights) + SFTTrainer + unit gates + TRL defaults (checkpointing) + GA 2."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    assets = pytest.importorskip("peft_gates.assets")
+    try:
+        model, tokenizer = assets.load_smollm2()
+        train, _ = assets.load_movie_sentences()
+    except (RuntimeError, OSError, ImportError) as err:
+        pytest.skip(f"real assets unavailable: {err}")
+    rows = assets.build_sft_examples(tokenizer, train[:16])
+    config = peft_gates.GateConfig(placement="units", sparsity_weight=50.0, target_sparsity=0.3)
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+        disable_tqdm=True, seed=0, max_length=128,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=config,
+    )
+    assert trainer.args.gradient_checkpointing
+    attach(trainer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*did not run a training forward.*")
+        trainer.train()
+    curves = g.curves(trainer)
+    assert set(METRIC_KEYS) <= set(curves) and curves["sparsity_lambda"] == [50.0] * 3
+    assert curves["sparsity_loss"][-1] < curves["sparsity_loss"][0]
+    tuner = gate_model_of(trainer.model)
+    assert len(tuner.gated_layers("default")) == 2 * model.config.num_hidden_layers
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "peft_gates_" in n} == {torch.float32}
