@@ -6,14 +6,16 @@ AdamW step (+ setting lambda for gates, as the Trainer callback does), with the 
 
 Memory, honestly:
 
-* CUDA: ``torch.cuda.max_memory_allocated`` over the timed steps (tensors only, after a reset that
-  follows model loading), i.e. weights + activations + gradients + optimizer state.
+* CUDA: ``torch.cuda.max_memory_allocated`` over the timed steps (tensors only; reset after the warm-up
+  steps), i.e. weights + activations + gradients + optimizer state.
 * CPU: there is no torch-aware peak counter, and ``tracemalloc`` does not see torch's allocator. We report
   the resident set size (RSS) of the worker process: ``train peak`` is the highest RSS sampled every 2 ms
-  by a background thread during the timed steps, ``increment`` is that minus the RSS just before the
-  first step (the cost of activations, gradients and optimizer state, which is what differs between
-  methods), and ``process peak`` is the kernel's high-water mark (``getrusage``) including loading.
-  RSS counts pages, not tensors: the allocator may keep freed memory, so compare increments, not bytes.
+  by a background thread over the warm-up and timed steps, ``increment`` is that minus the RSS after
+  set-up (weights paged in, adapter added, optimizer built, before the first step): the cost of
+  activations, gradients and optimizer state, which is what differs between methods. ``process peak`` is
+  the kernel's high-water mark (``getrusage``), loading included. RSS counts pages, not tensors (the
+  allocator may keep freed memory), so compare increments between methods rather than read them as bytes
+  of tensors.
 
 Defaults: SmolLM2-135M with its real weights on CPU, batch 2 x 128 tokens, 2 warm-up + 5 timed steps.
 GPU: ``--device cuda --size 1b`` builds a Llama-3.2-1B-shaped model from its config (random weights;
@@ -127,6 +129,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
     model = build_model(args, device, dtype)
+    with torch.no_grad():  # page in every weight (safetensors may be memory-mapped): a stable RSS baseline
+        for param in model.parameters():
+            param.sum()
     rss_loaded = common.rss_mib()
     model = wrap(args.worker, model, args.lora_r)
     model.train()
@@ -152,12 +157,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         counter["step"] += 1
 
-    for _ in range(args.warmup):
-        step()
     common.synchronize(device)
-    rss_before = common.rss_mib()
-    common.reset_cuda_peak(device)
-    with common.RssSampler() as sampler:
+    rss_before = common.rss_mib()  # weights, adapter, empty optimizer: what differs later is training memory
+    with common.RssSampler() as sampler:  # warm-up steps included: the optimizer state appears in the first
+        for _ in range(args.warmup):
+            step()
+        common.synchronize(device)
+        common.reset_cuda_peak(device)
         timing = common.time_call(step, repeats=args.steps, warmup=0, device=device)
     return {
         "method": args.worker,
@@ -168,7 +174,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": args.batch_size * args.seq_len / timing.median,
         "cuda_peak_mib": common.cuda_peak_mib(device),
         "rss_loaded_mib": rss_loaded,
-        "rss_before_steps_mib": rss_before,
+        "rss_setup_mib": rss_before,
         "rss_train_peak_mib": sampler.peak,
         "rss_increment_mib": sampler.peak - rss_before,
         "rss_process_peak_mib": common.peak_rss_mib(),
@@ -250,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             common.Column(
                 "rss_train_peak_mib", "peak RSS during steps MiB (process, not torch-aware)", "{:,.0f}"
             ),
-            common.Column("rss_increment_mib", "RSS increment over pre-step MiB", "{:,.0f}"),
+            common.Column("rss_increment_mib", "RSS increment over set-up MiB", "{:,.0f}"),
             common.Column("increment_ratio", "increment ratio", "{:.2f}x"),
         ]
     common.print_table(

@@ -1,0 +1,141 @@
+"""The gate-recipe search on MiniLM, as code: what was tried, how to rerun it, and a table of the results.
+
+``accuracy.py`` takes every recipe knob on its command line; this file lists the variants tried to close
+the gap to LoRA (reference recipe ~80% at 20-40% removed vs LoRA r=8 ~86%, notes/method.md), runs them
+with one shared data/training setting, and summarizes every ``*_cls.json`` found in a folder, so the
+record of what was tried is the results folder itself.
+
+    python -m benchmarks.recipes run                      # every variant, small shared setting
+    python -m benchmarks.recipes run --only units-ref,lora --train-size 0 --epochs 5
+    python -m benchmarks.recipes show                     # table of everything in the folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+try:  # `python -m benchmarks.recipes` / tests
+    from benchmarks import accuracy, common
+except ImportError:  # `python benchmarks/recipes.py`
+    import accuracy  # type: ignore[no-redef]
+    import common  # type: ignore[no-redef]
+
+DEFAULT_DIR = common.RESULTS_DIR / "recipes"
+
+#: (tag, what it tests, accuracy.py arguments). Each builds on the question the previous one left open.
+SEARCH: list[tuple[str, str, list[str]]] = [
+    ("lora", "baselines at this setting", ["--methods", "lora-qv,head"]),
+    ("units-ref", "authors' recipe, unit gates", ["--methods", "gates-units", "--recipe", "reference"]),
+    ("both-ref", "authors' recipe, row+column gates", ["--methods", "gates-both", "--recipe", "reference"]),
+    ("units-lr", "gate lr 1e-2 (gates must travel ~1.5 in theta to close)",
+     ["--methods", "gates-units", "--recipe", "reference", "--gate-lr", "1e-2", "--head-lr", "1e-3"]),
+    ("units-lr-init", "+ init 0.6: gates start inside (0,1) under noise, so the task gradient reaches them",
+     ["--methods", "gates-units", "--recipe", "reference", "--gate-lr", "1e-2", "--head-lr", "1e-3",
+      "--init-mean", "0.6"]),
+    ("units-lr-init-bias", "+ all biases trained (BitFit-like capacity, folds into the pruned model)",
+     ["--methods", "gates-units", "--recipe", "reference", "--gate-lr", "1e-2", "--head-lr", "1e-3",
+      "--init-mean", "0.6", "--bias", "all"]),
+    ("units-tuned", "+ delayed start 20% and warm-up 30% of lambda (the 'tuned' recipe)",
+     ["--methods", "gates-units", "--recipe", "tuned"]),
+    ("units-tuned-l10", "tuned with lambda 10: task gradient weighs more in which units close",
+     ["--methods", "gates-units", "--recipe", "tuned", "--sparsity-weight", "10"]),
+    ("units-tuned-l200", "tuned with lambda 200", ["--methods", "gates-units", "--recipe", "tuned",
+                                                    "--sparsity-weight", "200"]),
+    ("both-tuned", "tuned recipe, row+column gates", ["--methods", "gates-both", "--recipe", "tuned"]),
+]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.recipes",
+        description="Run the listed gate-recipe variants on MiniLM (accuracy.py --part cls) with one shared "
+        "setting, or show a table of every accuracy_cls-style JSON in a folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("command", choices=("run", "show", "list"), help="run variants / show results / list")
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="where the variants' JSON files go")
+    parser.add_argument("--only", default="", help="comma-separated tags to run (default: all)")
+    parser.add_argument("--train-size", default="2000", help="shared by every variant (0 = all 8058)")
+    parser.add_argument("--test-size", default="1000", help="shared by every variant (0 = all 2014)")
+    parser.add_argument("--epochs", default="3", help="shared by every variant")
+    parser.add_argument("--seeds", default="1", help="shared by every variant")
+    parser.add_argument("--targets", default="0.3", help="gate target sparsities")
+    parser.add_argument("--extra", default="", help="more accuracy.py arguments for every variant (quoted)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    only = set(common.parse_list(args.only))
+    unknown = only - {tag for tag, _, _ in SEARCH}
+    if unknown:
+        raise SystemExit(f"error: unknown tags {sorted(unknown)}; see `python -m benchmarks.recipes list`")
+    shared = ["--part", "cls", "--train-size", args.train_size, "--test-size", args.test_size, "--epochs",
+              args.epochs, "--seeds", args.seeds, "--targets", args.targets, "--out-dir", str(args.dir),
+              *args.extra.split()]  # fmt: skip
+    for tag, what, argv in tqdm(
+        [s for s in SEARCH if not only or s[0] in only], desc="recipes", unit="variant"
+    ):
+        print(f"\n=== {tag}: {what}", flush=True)
+        accuracy.main([*shared, *argv, "--name", tag, "--tag", f"{tag}: {what}", "--no-plots"])
+
+
+def recipe_diff(recipe: dict[str, Any]) -> str:
+    """The knobs where a run's recipe differs from the authors' reference (short, for a table cell)."""
+    ref = asdict(accuracy.RECIPES["reference"])
+    return ", ".join(f"{k}={v}" for k, v in recipe.items() if ref.get(k) != v) or "reference"
+
+
+def show(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(Path(args.dir).glob("*_cls.json")):
+        data = json.loads(path.read_text())
+        for row in data["summary"]:
+            gated = row["method"].startswith("gates-")
+            rows.append({
+                **row,
+                "file": path.stem,
+                "setting": f"{data['n_train']}x{data['settings']['epochs']}ep/{data['n_test']}",
+                "recipe": recipe_diff(data["recipe"]) if gated else "-",
+                "acc": accuracy.pm(row, "accuracy"),
+                "acc_pruned": accuracy.pm(row, "accuracy_pruned") if gated else None,
+                "blk": accuracy.pm(row, "removed_block") if gated else None,
+                "mdl": accuracy.pm(row, "removed_model") if gated else None,
+            })  # fmt: skip
+    common.print_table(
+        rows,
+        [
+            common.Column("file", "run"),
+            common.Column("setting", "train x epochs / test"),
+            common.Column("method", "method"),
+            common.Column("target", "target"),
+            common.Column("recipe", "recipe (vs reference)"),
+            common.Column("acc", "acc % gated"),
+            common.Column("acc_pruned", "acc % pruned"),
+            common.Column("blk", "block removed %"),
+            common.Column("mdl", "model removed %"),
+        ],
+        f"Gate recipes tried ({args.dir})",
+    )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        for tag, what, argv_ in SEARCH:
+            print(f"{tag:22s} {what}\n{'':22s} {' '.join(argv_)}")
+        return SEARCH
+    if args.command == "run":
+        run(args)
+    return show(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.cli(main))
