@@ -381,6 +381,20 @@ def test_sft_trainer_applies_the_term(tmp_path):
     assert abs(off["sparsity_loss"][-1] - off["sparsity_loss"][0]) < 0.02
 
 
+@pytest.mark.parametrize(
+    "mode", [{"loss_type": "dft"}, {"label_smoothing_factor": 0.1}, {"packing": True, "max_length": 26}]
+)
+def test_sft_trainer_loss_modes_run_the_gates(tmp_path, mode):
+    """TRL loss modes other than plain NLL still run every gate layer with gradients (probe stays quiet)."""
+    trainer = _sft_trainer(tmp_path, max_steps=3, gradient_checkpointing=False, **mode)
+    attach(trainer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*did not run a training forward.*")
+        trainer.train()
+    curve = g.curves(trainer)["sparsity_loss"]
+    assert curve[-1] < curve[0] - 0.01
+
+
 def test_sft_trainer_quantized_base_gates_back_to_fp32(tmp_path):
     """SFTTrainer casts trainable params of a 4-bit model to bf16; attach() restores fp32 before train()."""
     pytest.importorskip("bitsandbytes")
