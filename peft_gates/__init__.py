@@ -12,7 +12,7 @@ from .model import GateModel
 from .pruning import DEFAULT_MULTIPLE_OF, PrunePlan, plan_pruning, prune_and_unload
 from .report import write_report
 from .stats import GateStats, gate_statistics
-from .training import GateTrainerCallback, attach
+from .training import GateTrainerCallback, attach, set_sparsity_step
 
 register()
 register_pruned_architectures()
@@ -31,6 +31,7 @@ __all__ = [
     "plan_pruning",
     "prune_and_unload",
     "save_pruned",
+    "set_sparsity_step",
     "write_report",
 ]
 __version__ = "0.1.0"
