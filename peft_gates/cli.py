@@ -607,7 +607,8 @@ def cmd_report(args: argparse.Namespace) -> int:
              ("--min-units", args.min_units), ("--seq-len", args.seq_len)) if value is not None]  # fmt: skip
     if given:
         args.subparser.error(
-            f"{', '.join(given)} only apply to an adapter directory; {path} is a pruned export, whose "
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to an adapter directory; "
+            f"{path} is a pruned export, whose "
             "report records the settings it was pruned with"
         )
     return _report_export(path, out)
