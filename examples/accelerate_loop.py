@@ -2,7 +2,7 @@
 
 The sparsity gradient is injected in the backward pass of the gate layers, so the loop back-propagates the
 task loss only. Once per optimizer step, before its first micro-batch, it calls
-``peft_gates.training.set_sparsity_step(model, step, accelerator)``: lambda from the GateConfig schedule,
+``peft_gates.set_sparsity_step(model, step, accelerator)``: lambda from the GateConfig schedule,
 and the injected gradient scaled like ``accelerator.backward`` scales the loss (1 / gradient accumulation
 steps, times the fp16 loss scale). Runs unchanged under ``accelerate launch`` (DDP, DeepSpeed).
 
@@ -22,7 +22,6 @@ from peft import get_peft_model
 
 import peft_gates
 from peft_gates import assets
-from peft_gates.training import set_sparsity_step
 
 
 def encode(tokenizer, pairs: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
@@ -90,7 +89,7 @@ def main() -> None:
     while step < args.steps:
         for batch in loader:
             if micro % accelerator.gradient_accumulation_steps == 0:
-                set_sparsity_step(model, step, accelerator)  # start of an optimizer step
+                peft_gates.set_sparsity_step(model, step, accelerator)  # start of an optimizer step
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
