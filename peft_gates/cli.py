@@ -239,10 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--dense", required=True, metavar="PATH", help="dense (unpruned) model directory")
     bench.add_argument("--pruned", required=True, metavar="PATH", help="pruned model directory")
-    bench.add_argument("--batch", type=_positive_int, default=1, help="sequences per forward")
-    bench.add_argument("--seq", type=_positive_int, default=128, help="prefill / prompt length in tokens")
+    bench.add_argument("--batch", metavar="N", type=_positive_int, default=1, help="sequences per forward")
     bench.add_argument(
-        "--new-tokens", type=_non_negative_int, default=32, help="timed decode steps (0: prefill only)"
+        "--seq", metavar="N", type=_positive_int, default=128, help="prefill / prompt length in tokens"
+    )
+    bench.add_argument(
+        "--new-tokens",
+        metavar="N",
+        type=_non_negative_int,
+        default=32,
+        help="timed decode steps (0: prefill only)",
     )
     bench.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N"
@@ -250,9 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="auto = bfloat16 on GPUs, float32 on CPU"
     )
-    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed runs (the median is shown)")
-    bench.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed runs before timing")
-    bench.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument(
+        "--repeats", metavar="N", type=_positive_int, default=5, help="timed runs (the median is shown)"
+    )
+    bench.add_argument(
+        "--warmup", metavar="N", type=_non_negative_int, default=2, help="untimed runs before timing"
+    )
+    bench.add_argument(
+        "--threads", metavar="N", type=_positive_int, help="torch CPU threads (default: torch's choice)"
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     bench.set_defaults(func=cmd_bench, subparser=bench)
     return parser
@@ -262,6 +274,7 @@ def _add_plan_options(parser: argparse.ArgumentParser, for_report: bool = False)
     suffix = " (adapters only)" if for_report else ""
     parser.add_argument(
         "--multiple-of",
+        metavar="N",
         type=_positive_int,
         default=None if for_report else 128,
         help="round each block's kept MLP width up to a multiple of this; 1 = exact widths"
@@ -269,6 +282,7 @@ def _add_plan_options(parser: argparse.ArgumentParser, for_report: bool = False)
     )
     parser.add_argument(
         "--min-units",
+        metavar="N",
         type=_positive_int,
         default=None if for_report else 1,
         help="keep at least this many attention units and MLP neurons per block"
@@ -277,6 +291,7 @@ def _add_plan_options(parser: argparse.ArgumentParser, for_report: bool = False)
     if for_report:
         parser.add_argument(
             "--seq-len",
+            metavar="N",
             type=_non_negative_int,
             default=None,
             help="context length for the attention FLOPs per token (adapters only; default 0: left out)",
