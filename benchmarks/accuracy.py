@@ -68,6 +68,10 @@ class Recipe:
             reaches a gate only after the sparsity term has pushed it below ~0.55.
         bias: which biases train too (``none``, ``peft_gates_only`` = biases of gated layers, ``all``).
         scheduler: lr schedule (a transformers ``SchedulerType``).
+        extra_trainable: comma-separated module-name suffixes trained in full next to the gates (PEFT
+            ``modules_to_save``), e.g. ``LayerNorm`` (MiniLM) or ``layernorm`` (Llama). Norm weights are
+            per-channel scales that may exceed 1, which gates (values in [0, 1]) cannot; they stay in the
+            pruned model at no inference cost.
     """
 
     gate_lr: float = 1e-3
@@ -81,6 +85,7 @@ class Recipe:
     sigma: float = 0.5
     bias: str = "peft_gates_only"
     scheduler: str = "constant"
+    extra_trainable: str = ""
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``tuned`` is the
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sigma", float, "scale of the open probability in the regularizer"),
         ("bias", str, "biases trained with the gates: none, peft_gates_only, all"),
         ("scheduler", str, "lr schedule: constant, linear, cosine, ..."),
+        ("extra_trainable", str, "module suffixes trained in full with the gates, e.g. LayerNorm"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -205,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval-every-epoch", action="store_true", help="also score the test set after every epoch"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (training and scoring)")
     parser.add_argument("--tag", default="", help="free text stored with the results (what this run tries)")
     parser.add_argument(
         "--model",
@@ -277,18 +284,34 @@ def removal_stats(model: torch.nn.Module, multiple_of: int) -> dict[str, Any]:
     * ``removed_block`` / ``removed_model``: parameters the pruning merge really removes, as a share of
       the blocks' Linears and of the whole model, without alignment (``_x1``) and with ``multiple_of``.
     """
+    from peft_gates.gates import eval_value
     from peft_gates.pruning import plan_pruning
     from peft_gates.training import gate_metrics, gate_model_of
 
     metrics = gate_metrics(model)
     gated = 0
-    for layer in gate_model_of(model).gated_layers().values():
+    values = []
+    tuner = gate_model_of(model)
+    adapter = tuner.active_adapters[0]
+    for layer in tuner.gated_layers(adapter).values():
         bias = getattr(layer.get_base_layer(), "bias", None)
         gated += layer.in_features * layer.out_features + (layer.out_features if bias is not None else 0)
+        values += [eval_value(theta.detach().float().cpu()) for theta in layer.gate_vectors(adapter).values()]
+    z = torch.cat(values) if values else torch.zeros(0)
     out: dict[str, Any] = {
         "gate_sparsity": metrics["sparsity_realized"],
         "gates_fractional": metrics["gates_fractional"],
         "gated_weights_zeroed": metrics["params_removable"] / max(gated, 1),
+        # closed, open, and fractional gates by value: a target met by gates that all sit half-open (a
+        # scaled-down model that removes nothing) looks like success in the sparsity loss alone
+        "gate_values": {
+            "0": int((z == 0).sum()),
+            "(0,0.25]": int(((z > 0) & (z <= 0.25)).sum()),
+            "(0.25,0.5]": int(((z > 0.25) & (z <= 0.5)).sum()),
+            "(0.5,0.75]": int(((z > 0.5) & (z <= 0.75)).sum()),
+            "(0.75,1)": int(((z > 0.75) & (z < 1)).sum()),
+            "1": int((z == 1).sum()),
+        },
     }
     for mo in sorted({1, multiple_of}):
         plan = plan_pruning(model, multiple_of=mo)
@@ -463,8 +486,9 @@ def wrap_cls(
         return get_peft_model(base, IA3Config(task_type="SEQ_CLS")), settings.ia3_lr, settings.ia3_lr
     placement = method.removeprefix("gates-")
     kwargs = {"target_modules": BERT_LINEARS} if placement == "both" else {}
+    extra = common.parse_list(recipe.extra_trainable)
     config = gate_config(
-        recipe, steps, target, placement, "SEQ_CLS", modules_to_save=["classifier"], **kwargs
+        recipe, steps, target, placement, "SEQ_CLS", modules_to_save=["classifier", *extra], **kwargs
     )
     return get_peft_model(base, config), recipe.gate_lr, recipe.head_lr or recipe.gate_lr
 
@@ -510,7 +534,7 @@ def run_cls_one(
             logging_steps=max(1, steps // 25),
             save_strategy="no",
             report_to="none",
-            use_cpu=True,
+            use_cpu=args.device_obj.type == "cpu",
             seed=seed,
             data_seed=seed,
             disable_tqdm=False,
@@ -615,7 +639,7 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
         "summary": rows,
         "runs": runs,
     }
-    path = common.write_json(payload, f"{args.name}_cls", args.out_dir)
+    path = common.write_json(payload, f"{args.name}_cls", args.out_dir, device=args.device_obj)
     print(f"wrote {path}")
     if not args.no_plots:
         for p in (
@@ -745,6 +769,7 @@ def run_lm_one(
 
     common.seed_everything(seed)
     model, tokenizer = load()
+    model.to(args.device_obj)  # the Trainer moves it anyway; zero-shot scoring has no Trainer
     total_params = common.count_parameters(model)
 
     def score(m: torch.nn.Module) -> float:
@@ -771,7 +796,10 @@ def run_lm_one(
     steps = total_steps(len(train), settings)
     gated = method.startswith("gates-")
     if gated:
-        peft_config = gate_config(recipe, steps, target, method.removeprefix("gates-"), "CAUSAL_LM")
+        extra = common.parse_list(recipe.extra_trainable) or None
+        peft_config = gate_config(
+            recipe, steps, target, method.removeprefix("gates-"), "CAUSAL_LM", modules_to_save=extra
+        )
         lr = recipe.gate_lr
     else:
         targets = (
@@ -796,7 +824,7 @@ def run_lm_one(
             logging_steps=max(1, steps // 25),
             save_strategy="no",
             report_to="none",
-            use_cpu=True,
+            use_cpu=args.device_obj.type == "cpu",
             bf16=False,
             activation_checkpointing=False,
             seed=seed,
@@ -878,7 +906,7 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
         "summary": rows,
         "runs": runs,
     }
-    path = common.write_json(payload, f"{args.name}_lm", args.out_dir)
+    path = common.write_json(payload, f"{args.name}_lm", args.out_dir, device=args.device_obj)
     print(f"wrote {path}")
     if not args.no_plots:
         print(f"wrote {plot_training(runs, args, f'{args.name}_lm')}")
@@ -892,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the selected part(s); returns ``{"cls": payload, "lm": payload}`` (what the JSON files hold)."""
     args = build_parser().parse_args(argv)
     common.setup_run(args)
+    args.device_obj = common.resolve_device(args.device)
     with contextlib.suppress(ImportError):
         import transformers
 

@@ -276,11 +276,15 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
-    """Parameters (shared ones once), or only those with ``requires_grad``."""
+    """Parameters (shared ones once), or only the trained ones.
+
+    ``trainable`` skips PEFT's ``original_module`` copies next to ``modules_to_save`` wrappers: a
+    ``bias="all"`` adapter marks their biases trainable although they never run, so no step updates them.
+    """
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable and not p.requires_grad):
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or (trainable and (not p.requires_grad or ".original_module." in name)):
             continue
         seen.add(id(p))
         total += p.numel()
