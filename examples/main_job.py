@@ -34,17 +34,23 @@ from peft_gates import assets
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-size", type=int, default=1200, help="training sentences (default 1200)")
-    p.add_argument("--test-size", type=int, default=400, help="held-out sentences scored (default 400)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    p.add_argument("--train-size", type=int, default=480, help="training sentences (default 480)")
+    p.add_argument("--test-size", type=int, default=200, help="held-out sentences scored (default 200)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-2, help="learning rate of the gates (default 2e-2)")
+    p.add_argument("--lr", type=float, default=5e-2, help="learning rate of the gates (default 5e-2)")
     p.add_argument("--placement", default="units", choices=["units", "both", "rows", "columns"])
     p.add_argument("--target-sparsity", type=float, default=0.3)
     p.add_argument("--sparsity-weight", type=float, default=50.0, help="lambda (default 50)")
     p.add_argument("--sparsity-start", type=int, default=0, help="steps before the sparsity term starts")
     p.add_argument("--multiple-of", type=int, default=64, help="round kept MLP widths to this multiple")
     p.add_argument("--out", default="outputs/main_job", help="where the adapter and pruned model go")
+    p.add_argument(
+        "--prompt-style",
+        default="plain",
+        choices=assets.PROMPT_STYLES,
+        help="plain one-line prompt (default; a third of the tokens) or the chat template",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"   {dense_params:,} parameters; {len(train)} training / {len(test)} test sentences")
 
     start = time.perf_counter()
-    results["zero_shot_accuracy"] = assets.lm_accuracy(model, tokenizer, test)
+    results["zero_shot_accuracy"] = assets.lm_accuracy(model, tokenizer, test, style=args.prompt_style)
     print(
         f"== zero-shot accuracy: {100 * results['zero_shot_accuracy']:.1f}%  "
         f"({time.perf_counter() - start:.0f} s)"
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = SFTTrainer(
         model=peft_model,
         args=sft_args,
-        train_dataset=Dataset.from_list(assets.build_sft_examples(tokenizer, train)),
+        train_dataset=Dataset.from_list(assets.build_sft_examples(tokenizer, train, style=args.prompt_style)),
         processing_class=tokenizer,
     )
     peft_gates.attach(trainer)
@@ -128,11 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
     stats = peft_gates.gate_statistics(peft_model)
     print(stats.summary())
     results["gate_statistics"] = {k: v for k, v in stats.to_dict().items() if k != "layers"}
-    results["gated_accuracy"] = assets.lm_accuracy(peft_model, tokenizer, test)
+    results["gated_accuracy"] = assets.lm_accuracy(peft_model, tokenizer, test, style=args.prompt_style)
     print(f"== gated accuracy: {100 * results['gated_accuracy']:.1f}%")
 
     probe = tokenizer(
-        [assets.sentiment_prompt(tokenizer, s) for s, _ in test[:4]],
+        [assets.sentiment_prompt(tokenizer, s, args.prompt_style) for s, _ in test[:4]],
         return_tensors="pt",
         padding=True,
         padding_side="left",
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     pruned_params = count_parameters(reloaded)
     results.update(
-        pruned_accuracy=assets.lm_accuracy(reloaded, tokenizer, test),
+        pruned_accuracy=assets.lm_accuracy(reloaded, tokenizer, test, style=args.prompt_style),
         pruned_parameters=pruned_params,
         dense_parameters=dense_params,
         removed_fraction=1 - pruned_params / dense_params,

@@ -53,6 +53,10 @@ USER_TEMPLATE = (
     "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {sentence}"
 )
 ANSWER_WORDS = ("negative", "positive")  # indexed by label
+# "plain": no chat template. A third of the tokens of "chat" (about 30 vs 72 per sentence), so CPU
+# training and scoring cost a third; the main job uses it to fit in minutes on 2 cores.
+PLAIN_TEMPLATE = "Movie review: {sentence}\nSentiment (positive or negative):"
+PROMPT_STYLES = ("chat", "plain")
 
 
 def resolve_cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
@@ -317,26 +321,38 @@ def sentiment_messages(sentence: str) -> list[dict[str, str]]:
     ]
 
 
-def sentiment_prompt(tokenizer: Any, sentence: str) -> str:
-    """Rendered chat prompt ending with the assistant header; the next token is the answer."""
+def sentiment_prompt(tokenizer: Any, sentence: str, style: str = "chat") -> str:
+    """The prompt whose next token is the answer: the chat template with the assistant header
+    (``style="chat"``), or a one-line completion prompt (``style="plain"``)."""
+    if style == "plain":
+        return PLAIN_TEMPLATE.format(sentence=sentence)
+    if style != "chat":
+        raise ValueError(f"style={style!r} is invalid: use one of {PROMPT_STYLES}")
     return tokenizer.apply_chat_template(
         sentiment_messages(sentence), tokenize=False, add_generation_prompt=True
     )
 
 
-def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
+def _answer_text(word: str, style: str) -> str:
+    return " " + word if style == "plain" else word
+
+
+def answer_token_ids(tokenizer: Any, style: str = "chat") -> tuple[int, int]:
     """(negative, positive) ids of the first answer token as it appears right after the assistant header.
 
     Derived from the rendered prompt+answer rather than tokenizing the bare word, because whether a leading
     space/newline is merged into the word token depends on the template.
     """
-    prompt = sentiment_prompt(tokenizer, "x")
+    prompt = sentiment_prompt(tokenizer, "x", style)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = []
     for word in ANSWER_WORDS:
-        full = tokenizer.apply_chat_template(
-            sentiment_messages("x") + [{"role": "assistant", "content": word}], tokenize=False
-        )
+        if style == "plain":
+            full = prompt + _answer_text(word, style)
+        else:
+            full = tokenizer.apply_chat_template(
+                sentiment_messages("x") + [{"role": "assistant", "content": word}], tokenize=False
+            )
         full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError("chat template does not render the prompt as a prefix of prompt+answer")
@@ -346,15 +362,19 @@ def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
-def build_sft_examples(tokenizer: Any, pairs: Sequence[Pair]) -> list[dict[str, list[dict[str, str]]]]:
-    """Conversational prompt-completion rows for trl's SFTTrainer.
+def build_sft_examples(tokenizer: Any, pairs: Sequence[Pair], style: str = "chat") -> list[dict[str, Any]]:
+    """Prompt-completion rows for trl's SFTTrainer (conversational for ``"chat"``, plain strings else).
 
-    With a "prompt"/"completion" dataset SFTTrainer (trl 1.16) renders both through the tokenizer's chat
-    template and, since ``completion_only_loss`` defaults to None -> True for such data, computes the loss
-    only on the completion tokens (answer word, <|im_end|>, newline). ``tokenizer`` is accepted for API
-    symmetry; the template is applied by the trainer.
+    With a "prompt"/"completion" dataset SFTTrainer (trl 1.16) computes the loss only on the completion
+    tokens (``completion_only_loss`` defaults to True for such data); for ``"chat"`` it renders both
+    through the tokenizer's chat template. ``tokenizer`` is accepted for API symmetry.
     """
     del tokenizer
+    if style == "plain":
+        return [
+            {"prompt": PLAIN_TEMPLATE.format(sentence=s), "completion": _answer_text(ANSWER_WORDS[y], style)}
+            for s, y in pairs
+        ]
     return [
         {"prompt": sentiment_messages(s), "completion": [{"role": "assistant", "content": ANSWER_WORDS[y]}]}
         for s, y in pairs
@@ -368,7 +388,9 @@ def _batches(pairs: Sequence[Pair], batch_size: int, key: Any) -> list[list[Pair
 
 
 @torch.no_grad()
-def lm_accuracy(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 32) -> float:
+def lm_accuracy(
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 32, style: str = "chat"
+) -> float:
     """Accuracy of picking the larger next-token logit of the two answer tokens at the end of the prompt.
 
     Restricting to two tokens gives a well-defined score even when the model would rather start with "The
@@ -376,14 +398,14 @@ def lm_accuracy(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: i
     """
     if not pairs:
         return float("nan")
-    neg, pos = answer_token_ids(tokenizer)
+    neg, pos = answer_token_ids(tokenizer, style)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
     try:
         for batch in _batches(pairs, batch_size, key=lambda p: len(p[0])):
-            prompts = [sentiment_prompt(tokenizer, s) for s, _ in batch]
+            prompts = [sentiment_prompt(tokenizer, s, style) for s, _ in batch]
             enc = tokenizer(
                 prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
             ).to(device)

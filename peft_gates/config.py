@@ -42,7 +42,9 @@ class GateConfig(PeftConfig):
         column_group_size: consecutive input columns that share one column gate; an int for every
             gated module, or a mapping from module-name suffix to size (``{"o_proj": 64}`` gates
             whole heads). Filled from the architecture table in ``"units"`` placement.
-        target_sparsity: fraction of gates the sparsity term drives closed, in [0, 1).
+        target_sparsity: in [0, 1); the sparsity term drives the mean open probability of every gate
+            vector to ``1 - target_sparsity``. It targets probability mass, not counts: report the
+            realized sparsity (``gate_statistics``).
         sparsity_weight: lambda, the weight of the sparsity term in the total loss (>= 0).
         init_mean, init_std: raw gate init ``theta ~ N(init_mean, init_std^2)`` (paper: 1.0, 0.1; at
             1.0 every gate starts fully open, so the wrapped model equals the base model).

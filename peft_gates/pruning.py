@@ -828,8 +828,6 @@ def prune_and_unload(
             )
     was_quantized = any(is_quantized_linear(m) for m in tuner.model.modules() if not isinstance(m, GateLayer))
     model = tuner.unload()
-    if was_quantized and not any(is_quantized_linear(m) for m in model.modules()):
-        mark_dequantized(model)
     if not plan.supported:
         warnings.warn(
             f"model_type={plan.model_type!r} has no ArchSpec entry in "
@@ -854,4 +852,6 @@ def prune_and_unload(
     from .export import adopt_pruned_config
 
     adopt_pruned_config(model, plan.widths())
+    if was_quantized and not any(is_quantized_linear(m) for m in model.modules()):
+        mark_dequantized(model)
     return model

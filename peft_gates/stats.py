@@ -186,7 +186,9 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
 
         plan = plan_pruning(model, adapter_name)
         if plan.supported:
+            # the plan counts logical weights (packed 4-bit ones unpacked, modules_to_save once)
             stats.removable_parameters = plan.params_removed
+            stats.total_parameters = plan.params_total_before
     return stats
 
 

@@ -16,7 +16,7 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU build of torch lies on local disk; a bare `torch` would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,docs]"
 # DeepSpeed builds from its sdist against the installed torch (build isolation would pull CUDA torch).
 python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 python -m pip install -q "bitsandbytes==0.50.2"
