@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import accuracy, common, inference, train_cost  # noqa: E402
+from benchmarks import accuracy, common, inference, recipes, train_cost  # noqa: E402
 
 TINY = ["--model", "tiny", "--data", "synthetic"]
 SMALL = ["--train-size", "16", "--test-size", "8", "--steps", "2", "--batch-size", "8"]
@@ -60,8 +60,11 @@ def test_accuracy_cls_tiny(tmp_path):
         "epochs",
     } <= gates.keys()
     assert gates["history"] and "sparsity_realized" in gates["history"][0]  # attach() logged its metrics
+    assert set(gates["gate_values"]) == {"0", "(0,0.25]", "(0.25,0.5]", "(0.5,0.75]", "(0.75,1)", "1"}
     assert (tmp_path / "accuracy_cls_tradeoff.png").stat().st_size > 0
     assert (tmp_path / "accuracy_cls_training.png").stat().st_size > 0
+    rows = recipes.main(["show", "--dir", str(tmp_path)])  # the recipe log reads what accuracy.py wrote
+    assert len(rows) == 5 and all(r["file"] == "accuracy_cls" for r in rows)
 
 
 def test_accuracy_lm_tiny(tmp_path):
@@ -248,7 +251,13 @@ def test_cli_reports_a_missing_package_in_one_line(capsys):
     assert capsys.readouterr().err.strip() == "error: needs x: pip install x"
 
 
-@pytest.mark.parametrize("script", ["accuracy", "train_cost", "inference"])
+def test_recipe_search_list_names_known_flags():
+    parser = accuracy.build_parser()
+    for _tag, _what, argv in recipes.main(["list"]):
+        parser.parse_args(argv)  # every listed variant is a valid accuracy.py command line
+
+
+@pytest.mark.parametrize("script", ["accuracy", "train_cost", "inference", "recipes"])
 def test_help_runs_as_a_file(script):
     """``python benchmarks/<script>.py --help`` works from any directory (the file-run import path)."""
     proc = subprocess.run(
@@ -259,4 +268,4 @@ def test_help_runs_as_a_file(script):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "usage:" in proc.stdout and "--out-dir" in proc.stdout
+    assert "usage:" in proc.stdout and ("--dir" if script == "recipes" else "--out-dir") in proc.stdout
