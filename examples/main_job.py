@@ -34,15 +34,25 @@ from peft_gates import assets
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-size", type=int, default=480, help="training sentences (default 480)")
+    p.add_argument("--train-size", type=int, default=240, help="training sentences (default 240)")
     p.add_argument("--test-size", type=int, default=200, help="held-out sentences scored (default 200)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-2, help="learning rate of the gates (default 5e-2)")
     p.add_argument("--placement", default="units", choices=["units", "both", "rows", "columns"])
     p.add_argument("--target-sparsity", type=float, default=0.3)
     p.add_argument("--sparsity-weight", type=float, default=50.0, help="lambda (default 50)")
-    p.add_argument("--sparsity-start", type=int, default=0, help="steps before the sparsity term starts")
+    p.add_argument(
+        "--sparsity-start", type=int, default=15, help="steps before the sparsity term starts (default 15)"
+    )
+    p.add_argument("--sparsity-warmup", type=int, default=15, help="steps lambda ramps up over (default 15)")
+    p.add_argument(
+        "--init-mean",
+        type=float,
+        default=0.6,
+        help="gate init theta (default 0.6: open at init but inside the clamp's range, so the task "
+        "gradient reaches the gates from step 1; the paper's 1.0 needs hundreds of steps)",
+    )
     p.add_argument("--multiple-of", type=int, default=64, help="round kept MLP widths to this multiple")
     p.add_argument("--out", default="outputs/main_job", help="where the adapter and pruned model go")
     p.add_argument(
@@ -98,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
         target_sparsity=args.target_sparsity,
         sparsity_weight=args.sparsity_weight,
         sparsity_start_step=args.sparsity_start,
+        sparsity_warmup_steps=args.sparsity_warmup,
+        init_mean=args.init_mean,
+        init_std=0.02,
     )
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
