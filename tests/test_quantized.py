@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16  # noqa: E402
 from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
@@ -29,9 +30,6 @@ from peft_gates.quantization import (
     quantization_backend,
     requantize,
 )
-
-bnb = pytest.importorskip("bitsandbytes")
-from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16  # noqa: E402
 
 VOCAB = 96
 QUANT = {

@@ -397,7 +397,6 @@ def test_sft_trainer_loss_modes_run_the_gates(tmp_path, mode):
 
 def test_sft_trainer_quantized_base_gates_back_to_fp32(tmp_path):
     """SFTTrainer casts trainable params of a 4-bit model to bf16; attach() restores fp32 before train()."""
-    pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     g.tiny_llama().save_pretrained(tmp_path / "base")
@@ -567,7 +566,7 @@ def test_sft_trainer_smollm2_units_applies_the_term(tmp_path):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    assets = pytest.importorskip("peft_gates.assets")
+    from peft_gates import assets
     try:
         model, tokenizer = assets.load_smollm2()
         train, _ = assets.load_movie_sentences()
