@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gate init theta (default 0.6: open at init but inside the clamp's range, so the task "
         "gradient reaches the gates from step 1; the paper's 1.0 needs hundreds of steps)",
     )
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the gate init (default 0.02)")
     p.add_argument("--multiple-of", type=int, default=64, help="round kept MLP widths to this multiple")
     p.add_argument("--out", default="outputs/main_job", help="where the adapter and pruned model go")
     p.add_argument(
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         sparsity_start_step=args.sparsity_start,
         sparsity_warmup_steps=args.sparsity_warmup,
         init_mean=args.init_mean,
-        init_std=0.02,
+        init_std=args.init_std,
     )
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
