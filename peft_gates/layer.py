@@ -105,30 +105,18 @@ class GateLayer(BaseTunerLayer):
             z_col = z_col.repeat_interleave(self.column_group[adapter_name])
         return z_row, z_col
 
-    def _gate_values(self, adapter_name: str, sides: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Gate values for this forward: noisy with the sparsity gradient when training, else eval."""
+    def _gate_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Gate values by side for this forward: noisy, with the sparsity gradient attached, when
+        training; the deterministic eval values (still differentiable) otherwise."""
+        vectors = self.gate_vectors(adapter_name)
         if not self.training:
-            return self._eval_live(adapter_name)
+            return {side: gates.eval_value(theta) for side, theta in vectors.items()}
         cfg = self.gate_settings[adapter_name]
-        coef = self.sparsity[adapter_name].per_vector(sides) if adapter_name in self.sparsity else 0.0
-        values = []
-        for store in (self.peft_gates_row, self.peft_gates_col):
-            theta = store[adapter_name] if adapter_name in store else None
-            values.append(
-                None
-                if theta is None
-                else gates.sample_with_sparsity_grad(theta, cfg.noise_std, cfg.keep, cfg.sigma, coef)
-            )
-        return values[0], values[1]
-
-    def _eval_live(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Eval gate values that stay differentiable (eval-mode gradients, e.g. for probing)."""
-        theta_r = self.peft_gates_row[adapter_name] if adapter_name in self.peft_gates_row else None
-        theta_c = self.peft_gates_col[adapter_name] if adapter_name in self.peft_gates_col else None
-        return (
-            None if theta_r is None else gates.eval_value(theta_r),
-            None if theta_c is None else gates.eval_value(theta_c),
-        )
+        coef = self.sparsity[adapter_name].per_vector(len(vectors)) if adapter_name in self.sparsity else 0.0
+        return {
+            side: gates.sample_with_sparsity_grad(theta, cfg.noise_std, cfg.keep, cfg.sigma, coef)
+            for side, theta in vectors.items()
+        }
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the eval gates of the active (or given) adapters into the base weight, exactly.
@@ -180,10 +168,8 @@ class Linear(nn.Module, GateLayer):
             return self.base_layer(x, *args, **kwargs)
         z_row = z_col = None
         for name in self.active_adapters:
-            vectors = self.gate_vectors(name)
-            if not vectors:
-                continue
-            row, col = self._gate_values(name, sides=len(vectors))
+            values = self._gate_values(name)
+            col, row = values.get("columns"), values.get("rows")
             if col is not None:
                 col = col.repeat_interleave(self.column_group[name]) if self.column_group[name] > 1 else col
                 z_col = col if z_col is None else z_col * col
