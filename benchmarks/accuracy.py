@@ -180,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Part 'lm': SmolLM2-135M-Instruct through TRL SFTTrainer (zero-shot, LoRA, gates). Prints a table, "
         "writes accuracy_<part>.json and PNG plots. The default is a minutes-long smoke-size run; scale with "
         "--train-size 0 --test-size 0 --epochs 5 --seeds 3.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
+        epilog="Named recipes (--recipe / --lm-recipe; flags override single fields): "
+        + "; ".join(f"{name}: {recipe_text(r)}" for name, r in RECIPES.items())
+        + ". Examples: --part cls --methods lora-qv,gates-units --targets 0.4 | --part lm --lm-recipe "
+        "llama-tuned --train-size 1200 | --part cls --recipe reference --gate-lr 1e-2 --tag 'what I try'.",
     )
     parser.add_argument("--part", choices=("cls", "lm", "both"), default="both", help="which experiment(s)")
     data = parser.add_argument_group("data and training size (per-part defaults: cls / lm)")
@@ -252,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default="accuracy", help="stem of the output files")
     common.add_common_args(parser)
     return parser
+
+
+def recipe_text(recipe: Recipe) -> str:
+    """``gate_lr=0.01, lambda=10, ...``: a recipe in one line (help text, tables)."""
+    return ", ".join(f"{k}={v}" for k, v in asdict(recipe).items() if v not in (None, ""))
 
 
 def part_settings(args: argparse.Namespace, defaults: PartSettings) -> PartSettings:

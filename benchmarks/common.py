@@ -84,6 +84,15 @@ def cli(main: Callable[[Sequence[str] | None], Any]) -> int:
 # --------------------------------------------------------------------------------------------- arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except empty ones (None, False) whose meaning the help text already states."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "", argparse.SUPPRESS) or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every script has: where results go, CPU threads, plots on/off."""
     parser.add_argument(

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shares of block parameters removed (units closed through gate thetas and cut by the real "
         "prune_and_unload), with and without width alignment (multiple_of 128 vs 1). Prints a table, "
         "writes <out>/<name>.json and a PNG of speedup vs parameters removed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     parser.add_argument(
         "--size",
@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsities", default="0.1,0.2,0.3,0.4", help="shares of block parameters to remove"
     )
     parser.add_argument("--multiple-of", default="1,128", help="width alignments to compare")
-    parser.add_argument("--prefill-batch", type=int, default=1)
-    parser.add_argument("--prefill-len", type=int, default=128)
-    parser.add_argument("--decode-batch", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--prefill-batch", type=int, default=1, help="sequences per prefill")
+    parser.add_argument("--prefill-len", type=int, default=128, help="tokens per prefill sequence")
+    parser.add_argument("--decode-batch", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before decoding (untimed)")
     parser.add_argument("--new-tokens", type=int, default=16, help="timed decode steps")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")

@@ -43,11 +43,14 @@ MODULE = "benchmarks.train_cost"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.train_cost",
-        description="Step time and peak memory of one training step of gates vs LoRA r=16 vs IA3 on the same "
-        "frozen model, batch and sequence length, each method in a fresh subprocess of ONE run; prints a "
-        "table of absolute numbers and ratios vs --baseline, writes <out>/<name>.json and a PNG. CPU memory "
-        "is process RSS (see the module docstring), CUDA memory is torch.cuda.max_memory_allocated.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Step time and peak memory of one training step of gates vs LoRA r=16 vs IA3 on the "
+        "same frozen model, batch and sequence length, each method in a fresh subprocess of ONE run; prints "
+        "a table of absolute numbers and ratios vs --baseline, writes <out>/<name>.json and a PNG. Memory "
+        "on CUDA: torch.cuda.max_memory_allocated over the timed steps. On CPU (no torch-aware counter): "
+        "process RSS sampled every 2 ms over the warm-up and timed steps; 'increment' = that peak minus the "
+        "RSS after set-up (weights, adapter, optimizer built), i.e. activations + gradients + optimizer "
+        "state, the part that differs between methods. Timings on a shared CPU are noisy: use --rounds.",
+        formatter_class=common.HelpFormatter,
     )
     parser.add_argument(
         "--size",
@@ -64,13 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="auto = float32 on CPU, bfloat16 on CUDA")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per training step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per method")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"from {METHODS}")
     parser.add_argument("--baseline", default="lora16", help="the method ratios are relative to")
-    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--lora-r", type=int, default=16, help="rank of the LoRA baseline (alpha = 2 r, all Linears)"
+    )
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every method this many times, alternating order; keep each method's "
