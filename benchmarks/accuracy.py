@@ -72,6 +72,8 @@ class Recipe:
             ``modules_to_save``), e.g. ``LayerNorm`` (MiniLM) or ``layernorm`` (Llama). Norm weights are
             per-channel scales that may exceed 1, which gates (values in [0, 1]) cannot; they stay in the
             pruned model at no inference cost.
+        scale_gates: ``GateConfig.scale_gates`` for the unit placement (``none``, ``rows``, ``columns``,
+            ``both``): per-channel scale gates on every block Linear, outside the sparsity term.
     """
 
     gate_lr: float = 1e-3
@@ -86,6 +88,7 @@ class Recipe:
     bias: str = "peft_gates_only"
     scheduler: str = "constant"
     extra_trainable: str = ""
+    scale_gates: str = "none"
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
@@ -228,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bias", str, "biases trained with the gates: none, peft_gates_only, all"),
         ("scheduler", str, "lr schedule: constant, linear, cosine, ..."),
         ("extra_trainable", str, "module suffixes trained in full with the gates, e.g. LayerNorm"),
+        ("scale_gates", str, "units only: scale gates outside the sparsity term (none/rows/columns/both)"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -303,6 +307,7 @@ def gate_config(
         sparsity_start_step=round(recipe.delay * steps),
         sparsity_warmup_steps=round(recipe.warmup * steps),
         bias=recipe.bias,
+        scale_gates=recipe.scale_gates if placement == "units" else "none",
         **kwargs,
     )
 

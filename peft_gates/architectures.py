@@ -52,6 +52,10 @@ class ArchSpec:
     def attention_modules(self) -> tuple[str, ...]:
         return tuple(m for m in (self.q, self.k, self.v, self.qkv) if m is not None)
 
+    def block_linears(self) -> tuple[str, ...]:
+        """Every Linear of one block: where ``GateConfig.scale_gates`` puts scale gates."""
+        return (*self.attention_modules(), self.attn_out, *self.mlp_rows, self.mlp_out)
+
 
 _LLAMA = ArchSpec(
     layers="layers",

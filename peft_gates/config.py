@@ -22,6 +22,8 @@ class GatePeftType(str, enum.Enum):
 
 PLACEMENTS = ("rows", "columns", "both", "units")
 Placement = Literal["rows", "columns", "both", "units"]
+SCALE_SIDES = ("none", "rows", "columns", "both")
+ScaleSides = Literal["none", "rows", "columns", "both"]
 
 
 @dataclass
@@ -39,9 +41,15 @@ class GateConfig(PeftConfig):
             one gate per removable unit (an MLP neuron, an attention head or GQA group), placed as a
             (grouped) column gate on the MLP output and attention output projections, so training
             targets exactly what the merge can remove.
+        scale_gates: with ``placement="units"`` only: also gate these sides (``"rows"``, ``"columns"``,
+            ``"both"``) of every Linear of the blocks with *scale gates*, which the sparsity term leaves
+            alone. They are learned per-channel scales in [0, 1] that fold into the kept weights at
+            merge time: more expressive finetuning (as many gates as ``placement="both"``) while the
+            sparsity term still acts only on removable units. ``"none"`` (default) adds none.
         column_group_size: consecutive input columns that share one column gate; an int for every
             gated module, or a mapping from module-name suffix to size (``{"o_proj": 64}`` gates
-            whole heads). Filled from the architecture table in ``"units"`` placement.
+            whole heads). Filled from the architecture table in ``"units"`` placement, where its keys
+            are the unit modules and its values their unit widths.
         target_sparsity: in [0, 1); the sparsity term drives the mean open probability of every gate
             vector to ``1 - target_sparsity``. It targets probability mass, not counts: report the
             realized sparsity (``gate_statistics``).
@@ -59,6 +67,7 @@ class GateConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to gate."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trained modules."})
     placement: Placement = field(default="both", metadata={"help": f"One of {PLACEMENTS}."})
+    scale_gates: ScaleSides = field(default="none", metadata={"help": f"One of {SCALE_SIDES} (units only)."})
     column_group_size: int | dict[str, int] = field(default=1, metadata={"help": "Columns per gate."})
     target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gates to close."})
     sparsity_weight: float = field(default=50.0, metadata={"help": "lambda of the sparsity term."})
@@ -85,6 +94,16 @@ class GateConfig(PeftConfig):
 
         if self.placement not in PLACEMENTS:
             raise bad("placement", self.placement, f"use one of {PLACEMENTS}")
+        if self.scale_gates not in SCALE_SIDES:
+            raise bad("scale_gates", self.scale_gates, f"use one of {SCALE_SIDES}")
+        if self.scale_gates != "none" and self.placement != "units":
+            raise bad(
+                "scale_gates",
+                self.scale_gates,
+                f"scale gates only add to placement='units' (placement={self.placement!r} already gates "
+                "every side it names, all under the sparsity term); use placement='units' or "
+                "scale_gates='none'",
+            )
         if not 0.0 <= self.target_sparsity < 1.0:
             raise bad("target_sparsity", self.target_sparsity, "it must lie in [0, 1)")
         for name in ("sparsity_weight", "init_std", "noise_std"):
@@ -111,13 +130,26 @@ class GateConfig(PeftConfig):
         """Target fraction of open gates: ``1 - target_sparsity``."""
         return 1.0 - self.target_sparsity
 
-    @property
-    def gates_rows(self) -> bool:
-        return self.placement in ("rows", "both")
+    def is_unit_module(self, module_name: str) -> bool:
+        """Whether ``module_name`` carries unit gates (``"units"`` placement: a key of column_group_size)."""
+        if self.placement != "units" or not isinstance(self.column_group_size, dict):
+            return False
+        return any(module_name == k or module_name.endswith("." + k) for k in self.column_group_size)
 
-    @property
-    def gates_columns(self) -> bool:
-        return self.placement in ("columns", "both", "units")
+    def gate_sides(self, module_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(sides gated, sides under the sparsity term)`` of ``module_name`` (``rows``/``columns``).
+
+        Every gate is under the sparsity term except the scale gates of ``placement="units"``: there
+        only the (grouped) column gates of the unit modules are.
+        """
+        if self.placement != "units":
+            sides = {"rows": ("rows",), "columns": ("columns",), "both": ("rows", "columns")}[self.placement]
+            return sides, sides
+        unit = self.is_unit_module(module_name)
+        rows = self.scale_gates in ("rows", "both")
+        columns = unit or self.scale_gates in ("columns", "both")
+        sides = tuple(s for s, on in (("rows", rows), ("columns", columns)) if on)
+        return sides, ("columns",) if unit else ()
 
     def group_size_for(self, module_name: str) -> int:
         """Column group size for ``module_name`` (longest matching suffix wins; default 1)."""

@@ -53,6 +53,8 @@ class GateLayer(BaseTunerLayer):
         self.peft_gates_row = nn.ParameterDict({})
         self.peft_gates_col = nn.ParameterDict({})
         self.column_group: dict[str, int] = {}
+        # sides ("rows"/"columns") of each adapter under the sparsity term; the others are scale gates
+        self.regularized: dict[str, tuple[str, ...]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = in_out_features(self.get_base_layer())
@@ -61,9 +63,18 @@ class GateLayer(BaseTunerLayer):
         self.gate_settings: dict[str, GateConfig] = {}
 
     def update_layer(
-        self, adapter_name: str, config: GateConfig, rows: bool, columns: bool, group_size: int
+        self,
+        adapter_name: str,
+        config: GateConfig,
+        sides: tuple[str, ...],
+        regularized: tuple[str, ...],
+        group_size: int,
     ) -> None:
-        """Create the gate vectors of ``adapter_name`` (fully open at the paper's init)."""
+        """Create the gate vectors of ``adapter_name`` on ``sides`` (fully open at the paper's init).
+
+        ``regularized`` names the sides the sparsity term acts on (see ``GateConfig.gate_sides``).
+        """
+        rows, columns = "rows" in sides, "columns" in sides
         if columns and self.in_features % group_size != 0:
             raise ValueError(
                 f"GateConfig.column_group_size={group_size} does not divide in_features={self.in_features}; "
@@ -78,6 +89,7 @@ class GateLayer(BaseTunerLayer):
                 gates.init_theta(self.in_features // group_size, config.init_mean, config.init_std)
             )
         self.column_group[adapter_name] = group_size
+        self.regularized[adapter_name] = tuple(side for side in regularized if side in sides)
         self.gate_settings[adapter_name] = config
         device = next((p.device for p in self.get_base_layer().parameters() if p.device.type != "meta"), None)
         if device is not None:
@@ -112,9 +124,14 @@ class GateLayer(BaseTunerLayer):
         if not self.training:
             return {side: gates.eval_value(theta) for side, theta in vectors.items()}
         cfg = self.gate_settings[adapter_name]
-        coef = self.sparsity[adapter_name].per_vector(len(vectors)) if adapter_name in self.sparsity else 0.0
+        regularized = self.regularized[adapter_name]
+        coef = 0.0
+        if regularized and adapter_name in self.sparsity:
+            coef = self.sparsity[adapter_name].per_vector(len(regularized))
         return {
-            side: gates.sample_with_sparsity_grad(theta, cfg.noise_std, cfg.keep, cfg.sigma, coef)
+            side: gates.sample_with_sparsity_grad(
+                theta, cfg.noise_std, cfg.keep, cfg.sigma, coef if side in regularized else 0.0
+            )
             for side, theta in vectors.items()
         }
 
@@ -153,15 +170,15 @@ class Linear(nn.Module, GateLayer):
         base_layer: nn.Module,
         adapter_name: str,
         config: GateConfig,
-        rows: bool,
-        columns: bool,
+        sides: tuple[str, ...],
+        regularized: tuple[str, ...],
         group_size: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         GateLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, rows=rows, columns=columns, group_size=group_size)
+        self.update_layer(adapter_name, config, sides, regularized, group_size=group_size)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters or self.merged:

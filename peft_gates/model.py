@@ -50,22 +50,31 @@ class GateModel(BaseTuner):
                 f"peft_gates does not know (known: {sorted(ARCHITECTURES)}); use placement='both' (or "
                 "'rows'/'columns') or add the family to peft_gates.architectures.ARCHITECTURES"
             )
-        units = {spec.mlp_out, spec.attn_out}
+        shape = attention_shape(spec, SimpleNamespace(**model_config))
+        widths = {spec.mlp_out: 1, spec.attn_out: shape.unit_width}
+        prepared = peft_config.column_group_size
+        if (
+            isinstance(prepared, dict)
+            and prepared
+            and all(widths.get(k) == v for k, v in prepared.items())
+            and isinstance(peft_config.target_modules, (set, list))
+        ):
+            return peft_config  # resolved before (a saved adapter being loaded, or a reused config)
         requested = peft_config.target_modules
         if requested is None or requested == "all-linear":
-            chosen = units
+            chosen = set(widths)
         else:
             names = {requested} if isinstance(requested, str) else set(requested)
-            chosen = {u for u in units if any(u == n or u.endswith("." + n) or n.endswith(u) for n in names)}
+            chosen = {u for u in widths if any(u == n or u.endswith("." + n) or n.endswith(u) for n in names)}
             if not chosen or len(chosen) != len(names):
                 raise ValueError(
                     f"GateConfig.target_modules={sorted(names)} with placement='units' must name unit "
-                    f"outputs of {model_type}: {sorted(units)} (MLP neurons, attention heads), "
+                    f"outputs of {model_type}: {sorted(widths)} (MLP neurons, attention heads), "
                     "or be None for both"
                 )
-        shape = attention_shape(spec, SimpleNamespace(**model_config))
-        peft_config.target_modules = chosen
-        peft_config.column_group_size = {spec.mlp_out: 1, spec.attn_out: shape.unit_width}
+        peft_config.column_group_size = {unit: widths[unit] for unit in chosen}
+        scaled = set(spec.block_linears()) if peft_config.scale_gates != "none" else set()
+        peft_config.target_modules = chosen | scaled
         return peft_config
 
     def _create_and_replace(
@@ -78,10 +87,10 @@ class GateModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
-        rows, columns = peft_config.gates_rows, peft_config.gates_columns
+        sides, regularized = peft_config.gate_sides(current_key)
         group = peft_config.group_size_for(current_key)
         if isinstance(target, GateLayer):
-            target.update_layer(adapter_name, peft_config, rows=rows, columns=columns, group_size=group)
+            target.update_layer(adapter_name, peft_config, sides, regularized, group_size=group)
             return
         try:
             in_out_features(target)
@@ -90,7 +99,7 @@ class GateModel(BaseTuner):
                 f"target module {current_key!r} is a {type(target).__name__}, not a Linear; remove it from "
                 "GateConfig.target_modules (gates sit on rows/columns of Linear-like layers)"
             ) from err
-        new_module = Linear(target, adapter_name, peft_config, rows=rows, columns=columns, group_size=group)
+        new_module = Linear(target, adapter_name, peft_config, sides, regularized, group_size=group)
         new_module.sparsity = self.sparsity_coefficients
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -100,10 +109,9 @@ class GateModel(BaseTuner):
         # bitsandbytes would otherwise repack 4-bit weights on the first eval forward on CPUs with
         # AVX512-BF16 into a layout without backward: gates would silently stop training.
         disable_cpu_repacking(model)
-        layers = self.gated_layers(adapter_name)
-        self.sparsity_coefficients[adapter_name] = SparsityCoefficient(
-            weight=config.lambda_at(0), num_terms=len(layers)
-        )
+        layers = self.gated_layers(adapter_name).values()
+        terms = sum(1 for layer in layers if layer.regularized[adapter_name])
+        self.sparsity_coefficients[adapter_name] = SparsityCoefficient(config.lambda_at(0), num_terms=terms)
 
     def gated_layers(self, adapter_name: str | None = None) -> dict[str, GateLayer]:
         """Qualified name -> gate layer, for the layers that carry gates of ``adapter_name``."""

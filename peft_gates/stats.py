@@ -13,13 +13,18 @@ from . import gates
 
 @dataclass
 class SideStats:
-    """Counts for one gate vector (the rows or the columns of one layer)."""
+    """Counts for one gate vector (the rows or the columns of one layer).
+
+    ``regularized`` is False for the scale gates of ``GateConfig.scale_gates``, which the sparsity
+    term leaves alone; their ``term`` is reported but counts in no total.
+    """
 
     gates: int
     open: int
     closed: int
     fractional: int
     term: float
+    regularized: bool = True
 
     @property
     def closed_fraction(self) -> float:
@@ -32,9 +37,14 @@ class LayerStats:
     sides: dict[str, SideStats]
 
     @property
+    def regularized_sides(self) -> list[SideStats]:
+        return [s for s in self.sides.values() if s.regularized]
+
+    @property
     def sparsity_loss(self) -> float:
-        """This layer's term: the mean over its sides of ``|mean p - keep|``."""
-        return sum(s.term for s in self.sides.values()) / len(self.sides)
+        """This layer's term: the mean of ``|mean p - keep|`` over its sides under the sparsity term."""
+        sides = self.regularized_sides
+        return sum(s.term for s in sides) / len(sides) if sides else 0.0
 
 
 @dataclass
@@ -48,16 +58,27 @@ class GateStats:
     removable_parameters: int | None = None
     extra: dict = field(default_factory=dict)
 
-    def _sum(self, attr: str) -> int:
-        return sum(getattr(s, attr) for layer in self.layers for s in layer.sides.values())
+    def _sum(self, attr: str, regularized_only: bool = False) -> int:
+        return sum(
+            getattr(s, attr)
+            for layer in self.layers
+            for s in layer.sides.values()
+            if s.regularized or not regularized_only
+        )
 
     @property
     def num_gates(self) -> int:
         return self._sum("gates")
 
     @property
+    def scale_gates(self) -> int:
+        """Gates outside the sparsity term (``GateConfig.scale_gates``)."""
+        return self.num_gates - self._sum("gates", regularized_only=True)
+
+    @property
     def closed_gates(self) -> int:
-        return self._sum("closed")
+        """Closed gates under the sparsity term (closed scale gates zero weights but are not counted)."""
+        return self._sum("closed", regularized_only=True)
 
     @property
     def fractional_gates(self) -> int:
@@ -65,8 +86,9 @@ class GateStats:
 
     @property
     def realized_sparsity(self) -> float:
-        """Fraction of all gates whose eval value is exactly 0 (what the target is compared with)."""
-        return self.closed_gates / self.num_gates if self.num_gates else 0.0
+        """Fraction of the gates under the sparsity term whose eval value is exactly 0 (vs the target)."""
+        total = self._sum("gates", regularized_only=True)
+        return self.closed_gates / total if total else 0.0
 
     @property
     def fractional_fraction(self) -> float:
@@ -74,8 +96,9 @@ class GateStats:
 
     @property
     def sparsity_loss(self) -> float:
-        """The unweighted sparsity term: mean over gated layers (what lambda multiplies)."""
-        return sum(layer.sparsity_loss for layer in self.layers) / len(self.layers) if self.layers else 0.0
+        """The unweighted sparsity term: mean over the layers it acts on (what lambda multiplies)."""
+        layers = [layer for layer in self.layers if layer.regularized_sides]
+        return sum(layer.sparsity_loss for layer in layers) / len(layers) if layers else 0.0
 
     @property
     def removable_fraction(self) -> float | None:
@@ -89,6 +112,7 @@ class GateStats:
             "target_sparsity": self.target_sparsity,
             "realized_sparsity": self.realized_sparsity,
             "num_gates": self.num_gates,
+            "scale_gates": self.scale_gates,
             "closed_gates": self.closed_gates,
             "fractional_gates": self.fractional_gates,
             "sparsity_loss": self.sparsity_loss,
@@ -104,8 +128,9 @@ class GateStats:
 
     def summary(self) -> str:
         """A few lines for logs and the main job."""
+        scales = f" ({self.scale_gates} of them scale gates)" if self.scale_gates else ""
         lines = [
-            f"adapter {self.adapter_name!r}: {self.num_gates} gates in {len(self.layers)} layers",
+            f"adapter {self.adapter_name!r}: {self.num_gates} gates in {len(self.layers)} layers{scales}",
             f"  closed {self.closed_gates} ({100 * self.realized_sparsity:.1f}%, target "
             f"{100 * self.target_sparsity:.0f}% of open probability mass), "
             f"fractional {self.fractional_gates} ({100 * self.fractional_fraction:.1f}%)",
@@ -131,7 +156,7 @@ def gathered(params: list[nn.Parameter]):
         yield
 
 
-def _side_stats(theta: torch.Tensor, keep: float, sigma: float) -> SideStats:
+def _side_stats(theta: torch.Tensor, keep: float, sigma: float, regularized: bool) -> SideStats:
     theta = theta.detach().float()
     z = gates.eval_value(theta)
     closed = int((z == 0).sum())
@@ -142,6 +167,7 @@ def _side_stats(theta: torch.Tensor, keep: float, sigma: float) -> SideStats:
         closed=closed,
         fractional=theta.numel() - opened - closed,
         term=float(gates.sparsity_term(theta, keep, sigma)),
+        regularized=regularized,
     )
 
 
@@ -173,7 +199,10 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
     for name, layer in tuner.gated_layers(adapter_name).items():
         vectors = layer.gate_vectors(adapter_name)
         with gathered(list(vectors.values())):
-            sides = {side: _side_stats(theta, config.keep, config.sigma) for side, theta in vectors.items()}
+            sides = {
+                side: _side_stats(theta, config.keep, config.sigma, side in layer.regularized[adapter_name])
+                for side, theta in vectors.items()
+            }
         layers.append(LayerStats(name=name, sides=sides))
     total = sum(
         p.ds_numel if hasattr(p, "ds_numel") else p.numel()

@@ -147,11 +147,12 @@ def set_gates(peft_model: nn.Module, placement: str, seed: int = 0) -> list[tupl
     return [kept0, ([5], [1])]
 
 
-def gated_model(model_type: str, placement: str, task: str = "lm") -> tuple[nn.Module, list]:
+def gated_model(
+    model_type: str, placement: str, task: str = "lm", scale_gates: str = "none"
+) -> tuple[nn.Module, list]:
     kwargs = {"task_type": "SEQ_CLS"} if task == "seq_cls" else {}
-    peft_model = get_peft_model(
-        tiny_model(model_type, task), peft_gates.GateConfig(placement=placement, **kwargs)
-    )
+    config = peft_gates.GateConfig(placement=placement, scale_gates=scale_gates, **kwargs)
+    peft_model = get_peft_model(tiny_model(model_type, task), config)
     expected = set_gates(peft_model, placement)
     return peft_model.eval(), expected
 
@@ -181,6 +182,23 @@ def test_pruned_model_is_exact_and_smaller(model_type: str, placement: str) -> N
         spec = ARCHITECTURES[model_type]
         assert zeroed[spec.qkv or spec.q]["columns"] == 3  # residual-side columns fold in as zeros
         assert zeroed[spec.attn_out]["rows"] == 2
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_scale_gates_fold_exactly_and_remove_only_units(model_type: str) -> None:
+    """Unit gates plus fractional scale gates on both sides of every block Linear: the scales fold into
+    the kept weights (same logits) and change nothing in what is removed."""
+    peft_model, expected = gated_model(model_type, "units", scale_gates="both")
+    spec = ARCHITECTURES[model_type]
+    block = find_blocks(peft_model.base_model.model, spec)[1][0]
+    assert all(isinstance(block.get_submodule(name), GateLayer) for name in spec.block_linears())
+    x = inputs()
+    reference = logits(peft_model, x)
+    plan = plan_pruning(peft_model, multiple_of=1)
+    assert [(layer.kept_neurons, layer.kept_units) for layer in plan.layers] == expected
+    pruned = prune_and_unload(peft_model, multiple_of=1)
+    assert_close(logits(pruned, x), reference)
+    assert n_params(pruned) == plan.params_total_after
 
 
 @pytest.mark.parametrize(

@@ -498,7 +498,7 @@ def _gate_lm_head(trainer) -> None:
 
     tuner = gate_model_of(trainer.model)
     inner = tuner.model
-    layer = Linear(inner.lm_head, "default", tuner.peft_config["default"], rows=True, columns=False)
+    layer = Linear(inner.lm_head, "default", tuner.peft_config["default"], ("rows",), ("rows",))
     layer.sparsity = tuner.sparsity_coefficients
     inner.lm_head = layer
 

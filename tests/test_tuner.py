@@ -16,15 +16,19 @@ def _gate_params(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if "peft_gates_" in n}
 
 
+PLACEMENTS = [("both", "none"), ("units", "none"), ("units", "both")]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("placement", ["both", "units"])
-def test_fresh_wrap_equals_base(family, placement):
+@pytest.mark.parametrize(("placement", "scale_gates"), PLACEMENTS)
+def test_fresh_wrap_equals_base(family, placement, scale_gates):
     base = tiny_model(family)
     x = tiny_inputs()
     with torch.no_grad():
         ref = base(x).logits
     kwargs = {"modules_to_save": ["classifier"]} if family in ENCODERS else {}
-    model = get_peft_model(base, GateConfig(placement=placement, **kwargs)).eval()
+    config = GateConfig(placement=placement, scale_gates=scale_gates, **kwargs)
+    model = get_peft_model(base, config).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)
     assert any(isinstance(m, GateLayer) for m in model.modules())
@@ -59,6 +63,60 @@ def test_units_placement_targets_removable_units():
     assert layer.self_attn.o_proj.peft_gates_col["default"].numel() == 2
     assert layer.mlp.down_proj.peft_gates_col["default"].numel() == 48
     assert "default" not in layer.mlp.down_proj.peft_gates_row
+
+
+def test_scale_gates_sit_outside_the_sparsity_term():
+    """placement='units' + scale_gates='both': every block Linear gets row and column gates, but only the
+    unit gates (down_proj columns, grouped o_proj columns) receive the sparsity gradient or count in the
+    realized sparsity."""
+    model = get_peft_model(
+        tiny_model("llama"), GateConfig(placement="units", scale_gates="both", sparsity_weight=50.0)
+    )
+    cfg = model.peft_config["default"]
+    assert cfg.column_group_size == {"mlp.down_proj": 1, "self_attn.o_proj": 16}
+    block = model.base_model.model.model.layers[0]
+    unit_modules = {"mlp.down_proj", "self_attn.o_proj"}
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):  # fmt: skip
+        layer = block.get_submodule(name)
+        assert set(layer.gate_vectors("default")) == {"rows", "columns"}, name
+        assert layer.regularized["default"] == (("columns",) if name in unit_modules else ()), name
+    assert block.self_attn.o_proj.peft_gates_col["default"].numel() == 2  # KV groups, as without scales
+    # one sparsity term per unit module: 2 per block
+    assert model.base_model.sparsity_coefficients["default"].num_terms == 4
+
+    model.train()
+    (0.0 * model(tiny_inputs()).logits.sum()).backward()  # no task gradient: only the injected one
+    for name, p in model.named_parameters():
+        if "peft_gates_" not in name:
+            continue
+        is_unit = "peft_gates_col" in name and any(u in name for u in unit_modules)
+        assert (p.grad.abs().sum() > 0) == is_unit, name
+
+    with torch.no_grad():
+        block.self_attn.q_proj.peft_gates_row["default"].fill_(-3.0)  # a closed scale gate
+        block.mlp.down_proj.peft_gates_col["default"][:12].fill_(-3.0)  # 12 closed neurons
+    stats = peft_gates.gate_statistics(model)
+    n_unit_gates = 2 * (48 + 2)
+    assert stats.closed_gates == 12
+    assert stats.realized_sparsity == pytest.approx(12 / n_unit_gates)
+    assert stats.scale_gates == stats.num_gates - n_unit_gates
+    assert "scale gates" in stats.summary()
+
+
+def test_scale_gates_reload_without_re_resolving(tmp_path):
+    """The saved config (units resolved, block Linears as targets) loads back to the same layers."""
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_model("llama"), GateConfig(placement="units", scale_gates="rows"))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    before = {n: p.shape for n, p in model.named_parameters() if "peft_gates_" in n}
+    after = {n: p.shape for n, p in loaded.named_parameters() if "peft_gates_" in n}
+    assert before == after
+    down = loaded.base_model.model.model.layers[0].mlp.down_proj
+    assert set(down.gate_vectors("default")) == {"rows", "columns"}
+    assert down.regularized["default"] == ("columns",)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -136,10 +194,16 @@ def test_config_rejects_bad_values():
         "column_group_size": 0,
         "sparsity_start_step": -3,
         "bias": "lora_only",
+        "scale_gates": "diagonal",
     }
     for field, value in cases.items():
         with pytest.raises(ValueError, match=f"GateConfig.{field}"):
             GateConfig(**{field: value})
+
+
+def test_scale_gates_need_the_units_placement():
+    with pytest.raises(ValueError, match="GateConfig.scale_gates='rows'.*placement='units'"):
+        GateConfig(placement="both", scale_gates="rows")
 
 
 def test_group_size_must_divide_in_features():
