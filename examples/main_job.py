@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-2, help="learning rate of the gates (default 5e-2)")
     p.add_argument("--placement", default="units", choices=["units", "both", "rows", "columns"])
+    p.add_argument(
+        "--scale-gates",
+        default="none",
+        choices=["none", "rows", "columns", "both"],
+        help="with --placement units: per-channel scale gates on every block Linear, outside the sparsity term",
+    )
     p.add_argument("--target-sparsity", type=float, default=0.3)
     p.add_argument("--sparsity-weight", type=float, default=50.0, help="lambda (default 50)")
     p.add_argument(
@@ -54,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "gradient reaches the gates from step 1; the paper's 1.0 needs hundreds of steps)",
     )
     p.add_argument("--init-std", type=float, default=0.02, help="std of the gate init (default 0.02)")
+    p.add_argument("--sigma", type=float, default=0.5, help="scale of the open probability (default 0.5)")
     p.add_argument("--multiple-of", type=int, default=64, help="round kept MLP widths to this multiple")
     p.add_argument("--out", default="outputs/main_job", help="where the adapter and pruned model go")
     p.add_argument(
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = peft_gates.GateConfig(
         task_type="CAUSAL_LM",
         placement=args.placement,
+        scale_gates=args.scale_gates,
+        sigma=args.sigma,
         target_sparsity=args.target_sparsity,
         sparsity_weight=args.sparsity_weight,
         sparsity_start_step=args.sparsity_start,
