@@ -1,6 +1,8 @@
-"""Helpers shared by the benchmark scripts: timing, memory, JSON results, tables, plots, tiny stand-ins.
+"""Helpers shared by the benchmark scripts: memory, JSON results, tables, plots, tiny stand-ins.
 
 Everything a benchmark needs more than once lives here, so the scripts contain only their experiment.
+Timing is not here: it is :mod:`peft_gates.latency` (warm-up, synchronized repeats, median), the procedure
+of ``peft-gates bench``, so the benchmarks and the command line measure alike.
 Numbers go to ``benchmarks/results/<name>.json`` together with the environment they were measured in
 (versions, device, CPU load, git commit), because a timing without its machine and load is not a result.
 """
@@ -298,60 +300,6 @@ def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
-
-
-# --------------------------------------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work: without it a CUDA timing measures the launch, not the kernel."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Timing:
-    """Repeated wall-clock samples of one operation, in seconds."""
-
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.samples)
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "median_s": self.median,
-            "mean_s": self.mean,
-            "std_s": self.std,
-            "min_s": min(self.samples),
-            "max_s": max(self.samples),
-            "samples_s": self.samples,
-        }
-
-
-def time_call(
-    fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: torch.device | str = "cpu"
-) -> Timing:
-    """``warmup`` untimed calls (allocator, kernel choice), then ``repeats`` synchronized, timed ones."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return Timing(samples)
 
 
 # --------------------------------------------------------------------------------------------- memory

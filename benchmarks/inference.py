@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from peft_gates.latency import measure_decode, measure_prefill
 
 try:  # `python -m benchmarks.inference` / tests
     from benchmarks import common
@@ -192,43 +193,27 @@ def plan_totals(model: torch.nn.Module, multiple_of: int) -> dict[str, Any]:
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Prefill latency and decode throughput of one model (already on ``device``)."""
-    from transformers import DynamicCache
+    """Prefill latency and decode throughput of one model (already on ``device``).
 
+    The timing itself is :mod:`peft_gates.latency` (the procedure behind ``peft-gates bench``), so the
+    benchmark and the command line measure the same way; only the shapes and the report are set here.
+    """
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prefill = torch.randint(0, vocab, (args.prefill_batch, args.prefill_len), generator=gen).to(device)
     prompt = torch.randint(0, vocab, (args.decode_batch, args.prompt_len), generator=gen).to(device)
-    out: dict[str, Any] = {}
-    with torch.inference_mode():
-        timing = common.time_call(
-            lambda: model(input_ids=prefill, use_cache=False, logits_to_keep=1),
-            repeats=args.repeats,
-            warmup=args.warmup,
-            device=device,
-        )
-        out["prefill"] = timing.to_dict()
-        out["prefill_ms"] = 1000 * timing.median
-        out["prefill_tokens_per_s"] = prefill.numel() / timing.median
-        if args.skip_decode:
-            return out
-        samples = []
-        for i in range(args.warmup + args.repeats):
-            cache = DynamicCache(config=model.config)
-            logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            token = logits[:, -1:].argmax(-1)
-            common.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.new_tokens):
-                logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
-                token = logits[:, -1:].argmax(-1)
-            common.synchronize(device)
-            if i >= args.warmup:
-                samples.append(time.perf_counter() - start)
-        decode = common.Timing(samples)
-        out["decode"] = decode.to_dict()
-        out["decode_ms_per_step"] = 1000 * decode.median / args.new_tokens
-        out["decode_tokens_per_s"] = args.decode_batch * args.new_tokens / decode.median
+    timing = measure_prefill(model, prefill, repeats=args.repeats, warmup=args.warmup)
+    out: dict[str, Any] = {
+        "prefill": timing.to_dict(),
+        "prefill_ms": 1000 * timing.median_s,
+        "prefill_tokens_per_s": prefill.numel() / timing.median_s,
+    }
+    if args.skip_decode:
+        return out
+    decode = measure_decode(model, prompt, args.new_tokens, repeats=args.repeats, warmup=args.warmup)
+    out["decode"] = decode.to_dict()
+    out["decode_ms_per_step"] = 1000 * decode.median_s / args.new_tokens
+    out["decode_tokens_per_s"] = args.decode_batch * args.new_tokens / decode.median_s
     return out
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from peft_gates.latency import synchronize, time_fn
+
 try:  # `python -m benchmarks.train_cost` / tests
     from benchmarks import common
 except ImportError:  # `python benchmarks/train_cost.py`
@@ -162,21 +164,21 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         counter["step"] += 1
 
-    common.synchronize(device)
+    synchronize(device)
     rss_before = common.rss_mib()  # weights, adapter, empty optimizer: what differs later is training memory
     with common.RssSampler() as sampler:  # warm-up steps included: the optimizer state appears in the first
         for _ in range(args.warmup):
             step()
-        common.synchronize(device)
+        synchronize(device)
         common.reset_cuda_peak(device)
-        timing = common.time_call(step, repeats=args.steps, warmup=0, device=device)
+        timing = time_fn(step, repeats=args.steps, warmup=0, device=device)
     return {
         "method": args.worker,
         "trainable_params": common.count_parameters(model, trainable=True),
         "total_params": common.count_parameters(model),
         "step_time": timing.to_dict(),
-        "step_s": timing.median,
-        "tokens_per_s": args.batch_size * args.seq_len / timing.median,
+        "step_s": timing.median_s,
+        "tokens_per_s": args.batch_size * args.seq_len / timing.median_s,
         "cuda_peak_mib": common.cuda_peak_mib(device),
         "rss_loaded_mib": rss_loaded,
         "rss_setup_mib": rss_before,

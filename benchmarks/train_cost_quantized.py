@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from peft_gates.latency import synchronize, time_fn
+
 try:  # `python -m benchmarks.train_cost_quantized`
     from benchmarks import common
 except ImportError:  # `python benchmarks/train_cost_quantized.py`
@@ -194,18 +196,18 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in range(args.warmup):
         step()
-    common.synchronize(device)
+    synchronize(device)
     rss_before = common.rss_mib()
     common.reset_cuda_peak(device)
     with RssSampler() as sampler:
-        timing = common.time_call(step, repeats=args.steps, warmup=0, device=device)
+        timing = time_fn(step, repeats=args.steps, warmup=0, device=device)
     return {
         "method": args.worker,
         "trainable_params": common.count_parameters(model, trainable=True),
         "trainable_dtypes": sorted({str(p.dtype) for p in params}),
         "step_time": timing.to_dict(),
-        "step_s": timing.median,
-        "tokens_per_s": args.batch_size * args.seq_len / timing.median,
+        "step_s": timing.median_s,
+        "tokens_per_s": args.batch_size * args.seq_len / timing.median_s,
         "cuda_loaded_mib": weights_mib,
         "cuda_peak_mib": common.cuda_peak_mib(device),
         "rss_loaded_mib": rss_loaded,

@@ -72,6 +72,15 @@ class TimingStats:
         return statistics.fmean(self.samples_s)
 
     @property
+    def std_s(self) -> float:
+        """Sample standard deviation (0 for a single sample).
+
+        The benchmarks report the spread next to the median, so that a reader can see whether a ratio
+        between two methods is larger than the noise of a shared machine.
+        """
+        return statistics.stdev(self.samples_s) if len(self.samples_s) > 1 else 0.0
+
+    @property
     def min_s(self) -> float:
         return min(self.samples_s)
 
@@ -83,6 +92,7 @@ class TimingStats:
         return {
             "median_s": self.median_s,
             "mean_s": self.mean_s,
+            "std_s": self.std_s,
             "min_s": self.min_s,
             "max_s": self.max_s,
             "samples_s": list(self.samples_s),
