@@ -130,6 +130,19 @@ RECIPES: dict[str, Recipe] = {
         scheduler="constant",
         extra_trainable="layernorm",
     ),
+    # the main job's recipe (examples/main_job.py defaults): unit + scale gates, lr 5e-2, steep sigma
+    "smollm2-main": Recipe(
+        gate_lr=5e-2,
+        sparsity_weight=50.0,
+        sigma=0.25,
+        delay=0.2,
+        warmup=0.2,
+        init_mean=0.6,
+        init_std=0.02,
+        bias="none",
+        scheduler="constant",
+        scale_gates="both",
+    ),
 }
 
 
@@ -213,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--lora-lr", type=float, help="LoRA lr (default 5e-4 / 2e-4)")
     methods.add_argument("--ia3-lr", type=float, help="IA3 lr (default 3e-3)")
     methods.add_argument("--lm-lora-targets", default="all-linear", help="LoRA target_modules for the LM")
+    methods.add_argument(
+        "--prompt-style",
+        default="chat",
+        choices=("chat", "plain"),
+        help="LM prompt: the chat template, or the main job's one-line plain prompt",
+    )
     recipe = parser.add_argument_group("gate recipe (defaults from --recipe; any flag overrides it)")
     recipe.add_argument(
         "--recipe", choices=sorted(RECIPES), default="tuned", help="named starting recipe (cls)"
@@ -811,7 +830,7 @@ def run_lm_one(
     total_params = common.count_parameters(model)
 
     def score(m: torch.nn.Module) -> float:
-        return assets.lm_accuracy(m, tokenizer, test)
+        return assets.lm_accuracy(m, tokenizer, test, style=args.prompt_style)
 
     run: dict[str, Any] = {"method": method, "target": target, "seed": seed, "total_params": total_params}
     if method == "zero-shot":
@@ -849,7 +868,7 @@ def run_lm_one(
             task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets
         )
         lr = settings.lora_lr
-    dataset = datasets.Dataset.from_list(assets.build_sft_examples(tokenizer, train))
+    dataset = datasets.Dataset.from_list(assets.build_sft_examples(tokenizer, train, style=args.prompt_style))
     with tempfile.TemporaryDirectory() as tmp:
         config = trl.SFTConfig(
             output_dir=tmp,
@@ -940,6 +959,7 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
         "recipe_name": args.lm_recipe,
         "recipe": asdict(recipe),
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lm_lora_targets},
+        "prompt_style": args.prompt_style,
         "multiple_of": args.multiple_of,
         "summary": rows,
         "runs": runs,
