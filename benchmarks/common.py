@@ -109,6 +109,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--size``, ``--weights``, ``--device`` of the speed benchmarks, as :func:`load_base_model` reads them.
+
+    One definition, so that a size means the same model in the inference and both train-cost scripts.
+    """
+    parser.add_argument(
+        "--size",
+        choices=("135m", "1b", "tiny"),
+        default="135m",
+        help="135m = SmolLM2-135M, 1b = Llama-3.2-1B shape (config), tiny = 2-layer random Llama",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("real", "random"),
+        default="real",
+        help="real = SmolLM2-135M-Instruct weights (135m only); random = built from the config",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
 def setup_run(args: argparse.Namespace) -> None:
     """Apply the common options (threads) and create the output folder."""
     if args.threads > 0:
@@ -129,6 +149,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda given but torch sees no CUDA device")
     return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--dtype``: ``auto`` is float32 on CPU and bfloat16 on CUDA (how each is usually run), else named."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def seed_everything(seed: int) -> None:
@@ -376,6 +403,21 @@ def emit_worker_result(payload: dict[str, Any]) -> None:
     print(WORKER_MARK + json.dumps(payload, default=_to_jsonable), flush=True)
 
 
+def serve_worker(
+    args: argparse.Namespace, measure: Callable[[argparse.Namespace], dict[str, Any]]
+) -> dict[str, Any]:
+    """The ``--worker`` side of :func:`run_worker`: apply ``--threads``, measure, emit the result, return it.
+
+    Every script that measures in subprocesses ends its ``--worker`` branch this way; here the protocol
+    with :func:`run_worker` (one marked result line on stdout) is written once.
+    """
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = measure(args)
+    emit_worker_result(result)
+    return result
+
+
 def run_worker(module: str, argv: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
     """Run ``python -m module argv`` in a fresh process and return the result it emitted.
 
@@ -460,6 +502,29 @@ def llama_from_config(shape: str, dtype: torch.dtype = torch.float32, seed: int 
     torch.manual_seed(seed)
     config = LlamaConfig(**{**LLAMA_SHAPES[shape], **overrides})
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+#: ``--size`` of the speed benchmarks -> its :data:`LLAMA_SHAPES` entry.
+SIZE_SHAPES = {"135m": "smollm2", "1b": "1b", "tiny": "tiny"}
+
+
+def load_base_model(
+    size: str, weights: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Any:
+    """The dense base of the speed benchmarks (``--size``, ``--weights``), in eval mode on ``device``.
+
+    ``135m`` with ``real`` weights is SmolLM2-135M-Instruct; everything else is a random Llama of the
+    size's shape, built directly on ``device`` (speed does not depend on the weights' values, and a 1B
+    model need not pass through CPU memory).
+    """
+    if size == "135m" and weights == "real":
+        from peft_gates import assets
+
+        model, _ = load_asset(assets.load_smollm2, dtype=dtype)
+    else:
+        with torch.device(device):
+            model = llama_from_config(SIZE_SHAPES[size], dtype=dtype)
+    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------- tiny stand-ins

@@ -53,19 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "writes <out>/<name>.json and a PNG of speedup vs parameters removed.",
         formatter_class=common.HelpFormatter,
     )
-    parser.add_argument(
-        "--size",
-        choices=("135m", "1b", "tiny"),
-        default="135m",
-        help="135m = SmolLM2-135M, 1b = Llama-3.2-1B shape (config), tiny = smoke-test model",
-    )
-    parser.add_argument(
-        "--weights",
-        choices=("real", "random"),
-        default="real",
-        help="real = SmolLM2-135M-Instruct weights (135m only), random = built from the config",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    common.add_model_args(parser)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto = float32 on CPU, bfloat16 on CUDA")  # fmt: skip
     parser.add_argument(
@@ -86,16 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------- pruned models
-
-
-def load_base(args: argparse.Namespace) -> torch.nn.Module:
-    """The dense model in fp32 on CPU (the master copy every variant is cut from)."""
-    if args.size == "135m" and args.weights == "real":
-        from peft_gates import assets
-
-        model, _ = common.load_asset(assets.load_smollm2, dtype=torch.float32)
-        return model.eval()
-    return common.llama_from_config({"135m": "smollm2", "1b": "1b", "tiny": "tiny"}[args.size])
 
 
 @torch.no_grad()
@@ -227,12 +205,6 @@ def logit_gap(reference: torch.nn.Module, candidate: torch.nn.Module, vocab: int
 # --------------------------------------------------------------------------------------------- main
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Build every variant, time it, print the table; returns what the JSON holds."""
     args = build_parser().parse_args(argv)
@@ -240,10 +212,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.weights == "real" and args.size != "135m":
         args.weights = "random"
     device = common.resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = common.resolve_dtype(args.dtype, device)
     fractions = common.parse_list(args.sparsities, float)
     multiples = common.parse_list(args.multiple_of, int)
-    base = load_base(args)
+    base = common.load_base_model(args.size, args.weights)  # fp32 on CPU: the copy every variant is cut from
     scores = importance(base)
     vocab = base.config.vocab_size
     variants: list[dict[str, Any]] = [{"variant": "dense", "target": 0.0, "multiple_of": None}]

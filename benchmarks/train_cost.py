@@ -20,18 +20,22 @@ Memory, honestly:
 Defaults: SmolLM2-135M with its real weights on CPU, batch 2 x 128 tokens, 2 warm-up + 5 timed steps.
 GPU: ``--device cuda --size 1b`` builds a Llama-3.2-1B-shaped model from its config (random weights;
 speed does not depend on their values) in bf16.
+
+``train_cost_quantized.py`` is the same measurement on a 4-bit base; it reuses the options, the training
+step, the step timing, the worker command line and the round/ratio bookkeeping defined here.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from peft_gates.latency import synchronize, time_fn
+from peft_gates.latency import TimingStats, synchronize, time_fn
 
 try:  # `python -m benchmarks.train_cost` / tests
     from benchmarks import common
@@ -54,34 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "state, the part that differs between methods. Timings on a shared CPU are noisy: use --rounds.",
         formatter_class=common.HelpFormatter,
     )
-    parser.add_argument(
-        "--size",
-        choices=("135m", "1b", "tiny"),
-        default="135m",
-        help="135m = SmolLM2-135M shape, 1b = Llama-3.2-1B shape, tiny = 2-layer smoke-test model",
-    )
-    parser.add_argument(
-        "--weights",
-        choices=("real", "random"),
-        default="real",
-        help="real = SmolLM2-135M-Instruct weights (135m only); random = built from the config",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_measurement_args(parser, METHODS, METHODS, "lora16")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="auto = float32 on CPU, bfloat16 on CUDA")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences per training step")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per method")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"from {METHODS}")
-    parser.add_argument("--baseline", default="lora16", help="the method ratios are relative to")
-    parser.add_argument(
-        "--lora-r", type=int, default=16, help="rank of the LoRA baseline (alpha = 2 r, all Linears)"
-    )
-    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="measure every method this many times, alternating order; keep each method's "
-                        "fastest round (a shared CPU's noise only ever adds time)")  # fmt: skip
     parser.add_argument(
         "--in-process",
         action="store_true",
@@ -89,25 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
         "carry earlier methods' pages (smoke tests only)",
     )
     parser.add_argument("--name", default="train_cost", help="stem of the output files")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     common.add_common_args(parser)
     return parser
 
 
+def add_measurement_args(
+    parser: argparse.ArgumentParser, methods: Sequence[str], default_methods: Sequence[str], baseline: str
+) -> None:
+    """The options both train-cost scripts share: model, device, batch, steps, methods, rounds, ``--worker``.
+
+    One definition keeps their meaning (and :func:`worker_argv`, which passes them on) the same in both.
+    """
+    common.add_model_args(parser)
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per training step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per method")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels)")
+    parser.add_argument("--methods", default=",".join(default_methods), help=f"from {tuple(methods)}")
+    parser.add_argument("--baseline", default=baseline, help="the method ratios are relative to")
+    parser.add_argument(
+        "--lora-r", type=int, default=16, help="rank of the LoRA baseline (alpha = 2 r, all Linears)"
+    )
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every method this many times, alternating order; keep each method's "
+                        "fastest round (a shared CPU's noise only ever adds time)")  # fmt: skip
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
 # --------------------------------------------------------------------------------------------- worker
-
-
-def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The frozen base model: SmolLM2 real weights, or a Llama of the chosen shape from its config."""
-    if args.size == "135m" and args.weights == "real":
-        from peft_gates import assets
-
-        model, _ = common.load_asset(assets.load_smollm2, dtype=dtype)
-    else:
-        shape = {"135m": "smollm2", "1b": "1b", "tiny": "tiny"}[args.size]
-        with torch.device(device):
-            model = common.llama_from_config(shape, dtype=dtype)
-    return model.to(device)
 
 
 def wrap(method: str, model: torch.nn.Module, lora_r: int) -> torch.nn.Module:
@@ -128,30 +117,21 @@ def wrap(method: str, model: torch.nn.Module, lora_r: int) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure one method in this (fresh) process."""
+def training_step(
+    model: torch.nn.Module, batch_size: int, seq_len: int, device: torch.device
+) -> tuple[Callable[[], None], list[torch.nn.Parameter]]:
+    """One training step of ``model`` on a fixed random token batch, and the parameters it trains.
+
+    Forward + backward + AdamW step, plus setting lambda for gates as the Trainer callback does; the same
+    step for every method (and both scripts), so only the method differs between measurements.
+    """
     from peft_gates.training import find_gate_model
 
-    device = common.resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    torch.manual_seed(0)
-    model = build_model(args, device, dtype)
-    with torch.no_grad():  # page in every weight (safetensors may be memory-mapped): a stable RSS baseline
-        for param in model.parameters():
-            param.sum()
-    rss_loaded = common.rss_mib()
-    model = wrap(args.worker, model, args.lora_r)
-    model.train()
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     gate_model = find_gate_model(model)
     vocab = model.config.vocab_size
-    batch = torch.randint(
-        0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0)
-    )
+    batch = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     batch = batch.to(device)
     counter = {"step": 0}
 
@@ -164,87 +144,163 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         counter["step"] += 1
 
-    synchronize(device)
-    rss_before = common.rss_mib()  # weights, adapter, empty optimizer: what differs later is training memory
-    with common.RssSampler() as sampler:  # warm-up steps included: the optimizer state appears in the first
+    return step, params
+
+
+@dataclass
+class StepCost:
+    """Timed training steps and the process RSS around them (MiB)."""
+
+    timing: TimingStats
+    tokens_per_step: int
+    rss_before_mib: float
+    rss_peak_mib: float
+
+    def timing_fields(self) -> dict[str, Any]:
+        """The ``step_time``, ``step_s`` (median) and ``tokens_per_s`` keys of a result row."""
+        return {
+            "step_time": self.timing.to_dict(),
+            "step_s": self.timing.median_s,
+            "tokens_per_s": self.tokens_per_step / self.timing.median_s,
+        }
+
+
+def measure_steps(
+    step: Callable[[], None], args: argparse.Namespace, device: torch.device, *, sample_warmup: bool
+) -> StepCost:
+    """``--warmup`` untimed then ``--steps`` timed calls of ``step`` (``args``: :func:`add_measurement_args`).
+
+    Both scripts time a step here, so their numbers mean the same. The CUDA peak is reset after the
+    warm-up: it covers the timed steps. ``sample_warmup`` sets what the RSS figures cover: with it, the
+    baseline is taken before the warm-up and the sampler runs through it, so the increment includes the
+    optimizer state the first step creates; without it, both cover the timed steps only (the steady state
+    of a warm step).
+    """
+    if not sample_warmup:
         for _ in range(args.warmup):
             step()
-        synchronize(device)
+    synchronize(device)
+    rss_before = common.rss_mib()
+    with common.RssSampler() as sampler:
+        if sample_warmup:
+            for _ in range(args.warmup):
+                step()
+            synchronize(device)
         common.reset_cuda_peak(device)
         timing = time_fn(step, repeats=args.steps, warmup=0, device=device)
+    return StepCost(timing, args.batch_size * args.seq_len, rss_before, sampler.peak)
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure one method in this (fresh) process."""
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    model = common.load_base_model(args.size, args.weights, dtype, device)
+    with torch.no_grad():  # page in every weight (safetensors may be memory-mapped): a stable RSS baseline
+        for param in model.parameters():
+            param.sum()
+    rss_loaded = common.rss_mib()
+    model = wrap(args.worker, model, args.lora_r)
+    model.train()
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    step, _ = training_step(model, args.batch_size, args.seq_len, device)
+    # The RSS baseline is weights, adapter and an empty optimizer; the warm-up is sampled because the
+    # optimizer state appears in the first step, and it is training memory.
+    cost = measure_steps(step, args, device, sample_warmup=True)
     return {
         "method": args.worker,
         "trainable_params": common.count_parameters(model, trainable=True),
         "total_params": common.count_parameters(model),
-        "step_time": timing.to_dict(),
-        "step_s": timing.median_s,
-        "tokens_per_s": args.batch_size * args.seq_len / timing.median_s,
+        **cost.timing_fields(),
         "cuda_peak_mib": common.cuda_peak_mib(device),
         "rss_loaded_mib": rss_loaded,
-        "rss_setup_mib": rss_before,
-        "rss_train_peak_mib": sampler.peak,
-        "rss_increment_mib": sampler.peak - rss_before,
+        "rss_setup_mib": cost.rss_before_mib,
+        "rss_train_peak_mib": cost.rss_peak_mib,
+        "rss_increment_mib": cost.rss_peak_mib - cost.rss_before_mib,
         "rss_process_peak_mib": common.peak_rss_mib(),
         "device": str(device),
         "dtype": str(dtype),
     }
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 # --------------------------------------------------------------------------------------------- parent
 
 
-def worker_argv(args: argparse.Namespace, method: str) -> list[str]:
-    """The worker's command line: the parent's measurement settings plus ``--worker``."""
+def worker_argv(args: argparse.Namespace, method: str, extra: Sequence[str] = ()) -> list[str]:
+    """The worker's command line: ``--worker``, the :func:`add_measurement_args` settings, then ``extra``.
+
+    ``extra`` carries the options only one script has, so both pass the shared ones the same way.
+    """
     argv = ["--worker", method, "--size", args.size, "--weights", args.weights, "--device", args.device,
-            "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r),
-            "--threads", str(args.threads), "--out-dir", str(args.out_dir)]  # fmt: skip
-    return argv + (["--grad-ckpt"] if args.grad_ckpt else [])
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--lora-r", str(args.lora_r), "--threads", str(args.threads),
+            "--out-dir", str(args.out_dir)]  # fmt: skip
+    return argv + (["--grad-ckpt"] if args.grad_ckpt else []) + list(extra)
+
+
+def checked_methods(args: argparse.Namespace, known: Sequence[str]) -> list[str]:
+    """``--methods`` as a list; unknown names or a ``--baseline`` outside it stop the run before it starts."""
+    methods = common.parse_list(args.methods)
+    unknown = sorted(set(methods) - set(known))
+    if unknown:
+        raise SystemExit(f"error: unknown --methods {unknown}; choose from {tuple(known)}")
+    if args.baseline not in methods:
+        raise SystemExit(f"error: --baseline {args.baseline} is not among --methods {methods}")
+    return methods
+
+
+def round_order(methods: Sequence[str], rounds: int) -> list[str]:
+    """Every method once per round, the order reversed every other round (no method always goes first)."""
+    return [m for r in range(rounds) for m in (methods if r % 2 == 0 else methods[::-1])]
+
+
+def best_rounds(methods: Sequence[str], rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each method's fastest round (a shared CPU's noise only ever adds time), with all rounds' step times."""
+    return [min(rounds[m], key=lambda r: r["step_s"]) | {"rounds_step_s": [r["step_s"] for r in rounds[m]]}
+            for m in methods]  # fmt: skip
+
+
+def add_ratios(results: list[dict[str, Any]], baseline: str, ratios: dict[str, str]) -> None:
+    """``row[ratio] = row[key] / baseline_row[key]`` for each ``ratio: key``; None where the baseline's is 0.
+
+    A zero baseline happens for the RSS increment (the sampler saw no growth), where no ratio exists.
+    """
+    base = next(r for r in results if r["method"] == baseline)
+    for row in results:
+        for ratio, key in ratios.items():
+            row[ratio] = row[key] / base[key] if base[key] > 0 else None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure every method (one subprocess each) and report ratios; returns what the JSON holds."""
     args = build_parser().parse_args(argv)
     if args.worker:
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        result = worker(args)
-        common.emit_worker_result(result)
-        return result
+        return common.serve_worker(args, worker)
     common.setup_run(args)
-    methods = common.parse_list(args.methods)
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"error: unknown --methods {unknown}; choose from {METHODS}")
-    if args.baseline not in methods:
-        raise SystemExit(f"error: --baseline {args.baseline} is not among --methods {methods}")
+    methods = checked_methods(args, METHODS)
     if args.weights == "real" and args.size != "135m":
         args.weights = "random"  # only SmolLM2-135M ships real weights; larger shapes come from configs
     device = common.resolve_device(args.device)
-    order = [m for r in range(args.rounds) for m in (methods if r % 2 == 0 else methods[::-1])]
     rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    for method in tqdm(order, desc="methods", unit="method"):
+    for method in tqdm(round_order(methods, args.rounds), desc="methods", unit="method"):
         if args.in_process:
             rounds[method].append(worker(argparse.Namespace(**{**vars(args), "worker": method})))
         else:
-            rounds[method].append(common.run_worker(MODULE, worker_argv(args, method)))
-    results = [min(rounds[m], key=lambda r: r["step_s"]) | {"rounds_step_s": [r["step_s"] for r in rounds[m]]}
-               for m in methods]  # fmt: skip
-    base = next(r for r in results if r["method"] == args.baseline)
+            rounds[method].append(
+                common.run_worker(MODULE, worker_argv(args, method, ["--dtype", args.dtype]))
+            )
+    results = best_rounds(methods, rounds)
     mem_key = "cuda_peak_mib" if device.type == "cuda" else "rss_train_peak_mib"
-    for r in results:
-        r["step_ratio"] = r["step_s"] / base["step_s"]
-        r["mem_ratio"] = r[mem_key] / base[mem_key]
-        r["increment_ratio"] = (
-            r["rss_increment_mib"] / base["rss_increment_mib"] if base["rss_increment_mib"] > 0 else None
-        )
-        r["trainable_ratio"] = r["trainable_params"] / base["trainable_params"]
+    ratios = {
+        "step_ratio": "step_s",
+        "mem_ratio": mem_key,
+        "increment_ratio": "rss_increment_mib",
+        "trainable_ratio": "trainable_params",
+    }
+    add_ratios(results, args.baseline, ratios)
     model_desc = (
         f"{args.size} ({'SmolLM2 real weights' if args.weights == 'real' else 'random, from config'})"
     )
