@@ -6,6 +6,10 @@ task loss only. Once per optimizer step, before its first micro-batch, it calls
 and the injected gradient scaled like ``accelerator.backward`` scales the loss (1 / gradient accumulation
 steps, times the fp16 loss scale). Runs unchanged under ``accelerate launch`` (DDP, DeepSpeed).
 
+The loop itself is ``train`` of ``integrations/accelerate/train_loop.py``, imported from there so that it
+is written once; this example adds the task (chat prompts, loss on the answer tokens only), ``--smoke``,
+and the merge and save on the main process.
+
     python examples/accelerate_loop.py                       # SmolLM2-135M-Instruct, sentiment answers
     accelerate launch --config_file integrations/accelerate/ddp.yaml examples/accelerate_loop.py
     python examples/accelerate_loop.py --smoke               # tiny random model, a few steps
@@ -14,6 +18,8 @@ steps, times the fp16 loss scale). Runs unchanged under ``accelerate launch`` (D
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +28,8 @@ from peft import get_peft_model
 
 import peft_gates
 from peft_gates import assets
+
+INTEGRATION_DIR = Path(__file__).resolve().parents[1] / "integrations" / "accelerate"
 
 
 def encode(tokenizer, pairs: list[tuple[str, int]]) -> list[dict[str, list[int]]]:
@@ -60,6 +68,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=1200)
     parser.add_argument("--out", default="gates-accelerate", help="output directory")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # train() logs its metrics every 10 steps
+    sys.path.insert(0, str(INTEGRATION_DIR))
+    from train_loop import train
 
     if args.smoke:
         import _smoke
@@ -83,25 +94,8 @@ def main() -> None:
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-
-    model.train()
-    step = micro = 0
-    while step < args.steps:
-        for batch in loader:
-            if micro % accelerator.gradient_accumulation_steps == 0:
-                peft_gates.set_sparsity_step(model, step, accelerator)  # start of an optimizer step
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            micro += 1
-            if accelerator.sync_gradients:
-                step += 1
-                if step % 10 == 0 or step == args.steps:
-                    accelerator.print(f"step {step}: loss {loss.item():.3f}")
-                if step == args.steps:
-                    break
+    history = train(model, loader, optimizer, accelerator, args.steps, log_every=10)
+    accelerator.print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.3f}")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

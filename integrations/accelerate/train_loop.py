@@ -13,6 +13,9 @@ Runs as is on CPU with a tiny random Llama (no downloads), or on a local model d
     python integrations/accelerate/train_loop.py --steps 20
     accelerate launch --config_file integrations/accelerate/ddp.yaml integrations/accelerate/train_loop.py
     python integrations/accelerate/train_loop.py --model_path ./my-local-llama --steps 200
+
+``examples/accelerate_loop.py`` imports :func:`train` from here and runs it on SmolLM2-135M-Instruct and the
+sentiment task, then merges and saves on the main process.
 """
 
 from __future__ import annotations
