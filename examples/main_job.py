@@ -9,7 +9,8 @@ End to end, on its embedded default (a few minutes on 2 CPU cores):
 3. accuracy of the gated model, then ``merge_and_unload()``: the closed neurons/heads are cut out;
 4. the pruned model is saved, reloaded with ``AutoModelForCausalLM`` and checked: same logits and same
    greedy generation as the gated model, and accuracy of the reloaded model;
-5. CPU latency of dense vs pruned (prefill), parameters removed, and the path of the compression report.
+5. CPU latency of dense vs pruned (prefill 8 x 64 tokens, batched decode), parameters removed, and the path
+   of the compression report.
 
 Run ``python examples/main_job.py --help`` for the knobs; every figure printed is measured in this run.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 import peft_gates
-from peft_gates import assets
+from peft_gates import assets, latency
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,18 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def prefill_latency(model, input_ids: torch.Tensor, repeats: int = 5) -> float:
-    """Median seconds of one forward over ``input_ids`` (after a warm-up)."""
-    times = []
-    with torch.no_grad():
-        model(input_ids)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(input_ids)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def count_parameters(model) -> int:
@@ -209,11 +197,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     dense, _ = assets.load_smollm2()
     ids = torch.randint(100, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
-    t_dense, t_pruned = prefill_latency(dense, ids), prefill_latency(reloaded, ids)
+    t_dense, t_pruned = (latency.measure_prefill(m, ids).median_s for m in (dense, reloaded))
     results.update(prefill_dense_s=t_dense, prefill_pruned_s=t_pruned, prefill_speedup=t_dense / t_pruned)
+    d_dense, d_pruned = (
+        latency.measure_decode(m, ids[:, :16], new_tokens=16).median_s for m in (dense, reloaded)
+    )
+    results.update(decode_dense_s=d_dense, decode_pruned_s=d_pruned, decode_speedup=d_dense / d_pruned)
     print(
         f"== CPU prefill 8x64: dense {1000 * t_dense:.0f} ms, pruned {1000 * t_pruned:.0f} ms "
-        f"({t_dense / t_pruned:.2f}x)"
+        f"({t_dense / t_pruned:.2f}x); decode 16 tokens at batch 8: dense {1000 * d_dense:.0f} ms, "
+        f"pruned {1000 * d_pruned:.0f} ms ({d_dense / d_pruned:.2f}x)"
     )
 
     summary = {

@@ -53,6 +53,7 @@ def test_main_job_end_to_end_small(tmp_path):
     assert results["reload_max_logit_diff"] < 5e-3
     assert results["pruned_parameters"] <= results["dense_parameters"]
     assert results["prefill_dense_s"] > 0 and results["prefill_pruned_s"] > 0
+    assert results["decode_dense_s"] > 0 and results["decode_pruned_s"] > 0
     assert (out / "pruned" / "compression_report.md").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert len(results["train_log"]) >= 1
