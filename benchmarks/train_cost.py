@@ -42,7 +42,7 @@ try:  # `python -m benchmarks.train_cost` / tests
 except ImportError:  # `python benchmarks/train_cost.py`
     import common  # type: ignore[no-redef]
 
-METHODS = ("lora16", "ia3", "gates-both", "gates-rows", "gates-units")
+METHODS = ("lora16", "ia3", "gates-both", "gates-rows", "gates-units", "gates-units-scales")
 MODULE = "benchmarks.train_cost"
 
 
@@ -112,8 +112,13 @@ def wrap(method: str, model: torch.nn.Module, lora_r: int) -> torch.nn.Module:
     elif method == "ia3":
         config = IA3Config(task_type="CAUSAL_LM")
     else:
-        placement = method.removeprefix("gates-")
-        config = GateConfig(task_type="CAUSAL_LM", placement=placement, target_sparsity=0.3)
+        placement, _, scales = method.removeprefix("gates-").partition("-")
+        config = GateConfig(
+            task_type="CAUSAL_LM",
+            placement=placement,
+            scale_gates="both" if scales else "none",
+            target_sparsity=0.3,
+        )
     return get_peft_model(model, config)
 
 
