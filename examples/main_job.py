@@ -87,6 +87,7 @@ def count_parameters(model) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    job_start = time.perf_counter()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| model | accuracy |\n|---|---|")
     for name, acc in summary.items():
         print(f"| {name} | {100 * acc:.1f}% |")
+    results["wall_seconds"] = time.perf_counter() - job_start
     (out / "main_job.json").write_text(json.dumps(results, indent=2, default=str))
     print(
         f"\nreport: {export_dir / 'compression_report.md'} (JSON and PNG beside it); "

@@ -57,3 +57,4 @@ def test_main_job_end_to_end_small(tmp_path):
     assert (out / "pruned" / "compression_report.md").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert len(results["train_log"]) >= 1
+    assert results["wall_seconds"] >= results["train_seconds"] > 0
