@@ -14,7 +14,8 @@ scaled) loss would be. :meth:`peft_gates.GateModel.set_sparsity_step` takes thos
 
 Metrics (added to the Trainer's logs, ``state.log_history`` and every reporter): ``sparsity_loss``
 (the unweighted regularizer, mean over gated layers of ``|mean p - keep|``), ``sparsity_lambda`` (lambda
-applied in the last step), ``sparsity_realized`` (fraction of gates whose eval value is exactly 0),
+applied in the last step), ``sparsity_realized`` (fraction of the gates under the sparsity term whose
+eval value is exactly 0; scale gates are left out),
 ``gates_fractional`` (fraction strictly between 0 and 1: learned scales) and ``params_removable``
 (parameters in the MLP neurons and attention units that the pruning merge would remove now).
 """
