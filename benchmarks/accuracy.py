@@ -641,17 +641,19 @@ def run_cls_one(
     return run
 
 
-CLS_KEYS = (
-    "accuracy",
-    "accuracy_pruned",
-    "removed_block",
-    "removed_model",
-    f"removed_block_x{128}",
-    "gated_weights_zeroed",
-    "gate_sparsity",
-    "trainable_params",
-    "train_time_s",
-)
+def summary_keys(multiple_of: int) -> tuple[str, ...]:
+    """Per-run metrics aggregated over seeds, incl. the removal at this run's width alignment."""
+    return (
+        "accuracy",
+        "accuracy_pruned",
+        "removed_block",
+        "removed_model",
+        f"removed_block_x{multiple_of}",
+        "gated_weights_zeroed",
+        "gate_sparsity",
+        "trainable_params",
+        "train_time_s",
+    )
 
 
 def run_cls(args: argparse.Namespace) -> dict[str, Any]:
@@ -674,7 +676,7 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for method, target, seed in tqdm(jobs, desc="cls runs", unit="run"):
         runs.append(run_cls_one(method, target, seed, load, tokenizer, train, test, args, settings, recipe))
-    rows = aggregate(runs, CLS_KEYS)
+    rows = aggregate(runs, summary_keys(args.multiple_of))
     title = (
         f"MiniLM-L6 sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
         f"{len(train)} train / {len(test)} test, {runs[0]['steps']} steps x batch {settings.batch_size}, "
@@ -941,7 +943,7 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for method, target, seed in tqdm(jobs, desc="lm runs", unit="run"):
         runs.append(run_lm_one(method, target, seed, load, train, test, args, settings, recipe))
-    rows = aggregate(runs, CLS_KEYS)
+    rows = aggregate(runs, summary_keys(args.multiple_of))
     title = (
         f"SmolLM2-135M-Instruct SFT sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
         f"{len(train)} train / {len(test)} test, batch {settings.batch_size}, {settings.seeds} seed(s); "

@@ -69,9 +69,12 @@ def test_accuracy_cls_tiny(tmp_path):
 
 def test_accuracy_lm_tiny(tmp_path):
     argv = ["--part", "lm", *TINY, *SMALL, "--batch-size", "4", "--lm-methods", "zero-shot,lora,gates-units"]
-    accuracy.main([*argv, "--out-dir", str(tmp_path), "--no-plots"])
+    accuracy.main([*argv, "--multiple-of", "8", "--out-dir", str(tmp_path), "--no-plots"])
     data = _json(tmp_path / "accuracy_lm.json")
     methods = {r["method"]: r for r in data["runs"]}
+    # the summary carries the removal at the requested width alignment (the table's aligned column)
+    gated_row = next(r for r in data["summary"] if r["method"] == "gates-units")
+    assert gated_row["removed_block_x8"] == methods["gates-units"]["removed_block_x8"]
     assert set(methods) == {"zero-shot", "lora", "gates-units"}
     assert methods["zero-shot"]["trainable_params"] == 0
     assert {"accuracy_pruned", "removed_block", "removed_model_measured", "history"} <= methods[
