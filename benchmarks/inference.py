@@ -211,8 +211,6 @@ def measure_rounds(
     and the highest decode throughput over the rounds: on a shared CPU, interference only ever slows a
     measurement down, so the best round is the least disturbed one.
     """
-    if args.rounds < 1:
-        raise SystemExit(f"error: --rounds={args.rounds} must be >= 1")
     for row in rows:
         row["rounds"] = []
     for r in tqdm(range(args.rounds), desc="rounds", unit="round", disable=args.rounds == 1):
@@ -240,6 +238,8 @@ def logit_gap(reference: torch.nn.Module, candidate: torch.nn.Module, vocab: int
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Build every variant, time it, print the table; returns what the JSON holds."""
     args = build_parser().parse_args(argv)
+    if args.rounds < 1:  # before minutes of model building
+        raise SystemExit(f"error: --rounds={args.rounds} must be >= 1")
     common.setup_run(args)
     if args.weights == "real" and args.size != "135m":
         args.weights = "random"

@@ -26,6 +26,11 @@ SCALE_SIDES = ("none", "rows", "columns", "both")
 ScaleSides = Literal["none", "rows", "columns", "both"]
 
 
+def _suffix_matches(module_name: str, suffixes) -> list[str]:
+    """The ``suffixes`` that name ``module_name`` (whole dotted components, as PEFT matches targets)."""
+    return [k for k in suffixes if module_name == k or module_name.endswith("." + k)]
+
+
 @dataclass
 class GateConfig(PeftConfig):
     """Configuration of a FineGates adapter: trainable gates on rows/columns of frozen Linears.
@@ -134,7 +139,7 @@ class GateConfig(PeftConfig):
         """Whether ``module_name`` carries unit gates (``"units"`` placement: a key of column_group_size)."""
         if self.placement != "units" or not isinstance(self.column_group_size, dict):
             return False
-        return any(module_name == k or module_name.endswith("." + k) for k in self.column_group_size)
+        return bool(_suffix_matches(module_name, self.column_group_size))
 
     def gate_sides(self, module_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """``(sides gated, sides under the sparsity term)`` of ``module_name`` (``rows``/``columns``).
@@ -155,7 +160,7 @@ class GateConfig(PeftConfig):
         """Column group size for ``module_name`` (longest matching suffix wins; default 1)."""
         if isinstance(self.column_group_size, int):
             return self.column_group_size
-        matches = [k for k in self.column_group_size if module_name == k or module_name.endswith("." + k)]
+        matches = _suffix_matches(module_name, self.column_group_size)
         return self.column_group_size[max(matches, key=len)] if matches else 1
 
     def lambda_at(self, step: int) -> float:

@@ -161,10 +161,19 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("placement", ["units", "both"])
+GATINGS = [("units", "none"), ("both", "none"), ("units", "both")]  # (placement, scale_gates)
+
+
+@pytest.mark.parametrize(("placement", "scale_gates"), GATINGS)
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_pruned_model_is_exact_and_smaller(model_type: str, placement: str) -> None:
-    peft_model, expected = gated_model(model_type, placement)
+def test_pruned_model_is_exact_and_smaller(model_type: str, placement: str, scale_gates: str) -> None:
+    """With scale gates (fractional, on both sides of every block Linear) the scales fold into the kept
+    weights (same logits) and change nothing in what is removed."""
+    peft_model, expected = gated_model(model_type, placement, scale_gates=scale_gates)
+    spec = ARCHITECTURES[model_type]
+    if scale_gates != "none":
+        block = find_blocks(peft_model.base_model.model, spec)[1][0]
+        assert all(isinstance(block.get_submodule(name), GateLayer) for name in spec.block_linears())
     x = inputs()
     reference = logits(peft_model, x)
     plan = plan_pruning(peft_model, multiple_of=1)
@@ -179,31 +188,11 @@ def test_pruned_model_is_exact_and_smaller(model_type: str, placement: str) -> N
     assert pruned.config.model_type == f"{model_type}_pruned"
     if placement == "both":
         zeroed = plan.layers[0].zeroed
-        spec = ARCHITECTURES[model_type]
         assert zeroed[spec.qkv or spec.q]["columns"] == 3  # residual-side columns fold in as zeros
         assert zeroed[spec.attn_out]["rows"] == 2
 
 
-@pytest.mark.parametrize("model_type", ARCHS)
-def test_scale_gates_fold_exactly_and_remove_only_units(model_type: str) -> None:
-    """Unit gates plus fractional scale gates on both sides of every block Linear: the scales fold into
-    the kept weights (same logits) and change nothing in what is removed."""
-    peft_model, expected = gated_model(model_type, "units", scale_gates="both")
-    spec = ARCHITECTURES[model_type]
-    block = find_blocks(peft_model.base_model.model, spec)[1][0]
-    assert all(isinstance(block.get_submodule(name), GateLayer) for name in spec.block_linears())
-    x = inputs()
-    reference = logits(peft_model, x)
-    plan = plan_pruning(peft_model, multiple_of=1)
-    assert [(layer.kept_neurons, layer.kept_units) for layer in plan.layers] == expected
-    pruned = prune_and_unload(peft_model, multiple_of=1)
-    assert_close(logits(pruned, x), reference)
-    assert n_params(pruned) == plan.params_total_after
-
-
-@pytest.mark.parametrize(
-    "model_type", ["bert", "roberta", "llama"]
-)
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "llama"])
 def test_sequence_classification_keeps_trained_head(model_type: str) -> None:
     peft_model, _ = gated_model(model_type, "units", task="seq_cls")
     head = "classifier" if model_type in ENCODERS else "score"
