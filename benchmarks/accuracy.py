@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -277,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="'synthetic' = made-up smoke-test text",
     )
     parser.add_argument("--name", default="accuracy", help="stem of the output files")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="a results JSON of an earlier run of this part with the same setting: its (method, target, "
+        "seed) runs are kept, not rerun (add seeds or targets to a long run; resume after a stop)",
+    )
     common.add_common_args(parser)
     return parser
 
@@ -656,6 +664,43 @@ def summary_keys(multiple_of: int) -> tuple[str, ...]:
     )
 
 
+#: Payload fields that must match for runs of an earlier JSON to count as runs of this one.
+REUSE_KEYS = ("part", "model", "data", "n_train", "n_test", "recipe", "lora", "multiple_of", "prompt_style")
+
+
+def reusable_runs(path: Path | None, setting: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+    """``(method, target, seed) -> run`` from the ``--reuse`` JSON, after checking it has this setting.
+
+    ``setting`` holds this run's :data:`REUSE_KEYS` and ``settings`` (whose ``seeds`` may differ).
+    A mismatch is an error naming the field: silently mixing settings would corrupt the means.
+    """
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise SystemExit(f"error: --reuse {path}: no such file; give a results JSON written by this script")
+    old = json.loads(path.read_text())
+    ignore_seeds = {"seeds": None}
+    for key in (*REUSE_KEYS, "settings"):
+        mine, theirs = setting.get(key), old.get(key)
+        if key == "settings" and isinstance(theirs, dict):
+            mine, theirs = {**mine, **ignore_seeds}, {**theirs, **ignore_seeds}
+        if mine != theirs:
+            raise SystemExit(
+                f"error: --reuse {path}: its {key}={theirs!r} differs from this run's {mine!r}; rerun with "
+                "the same setting or drop --reuse"
+            )
+    return {(r["method"], r["target"], r["seed"]): r for r in old["runs"]}
+
+
+def run_jobs(jobs: list[tuple], reused: dict[tuple, dict[str, Any]], desc: str, one: Callable) -> list:
+    """Every job's run: taken from ``reused`` when there, else ``one(method, target, seed)``."""
+    fresh = [job for job in jobs if job not in reused]
+    if len(fresh) < len(jobs):
+        print(f"reusing {len(jobs) - len(fresh)} of {len(jobs)} runs", flush=True)
+    done = {job: one(*job) for job in tqdm(fresh, desc=desc, unit="run")}
+    return [reused.get(job) or done[job] for job in jobs]
+
+
 def run_cls(args: argparse.Namespace) -> dict[str, Any]:
     """Part (a): every method x target x seed on MiniLM; table, JSON, plots."""
     settings = part_settings(args, CLS_DEFAULTS)
@@ -673,16 +718,6 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
         for t in (targets if m.startswith("gates-") else [None])
         for s in range(settings.seeds)
     ]
-    runs = []
-    for method, target, seed in tqdm(jobs, desc="cls runs", unit="run"):
-        runs.append(run_cls_one(method, target, seed, load, tokenizer, train, test, args, settings, recipe))
-    rows = aggregate(runs, summary_keys(args.multiple_of))
-    title = (
-        f"MiniLM-L6 sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
-        f"{len(train)} train / {len(test)} test, {runs[0]['steps']} steps x batch {settings.batch_size}, "
-        f"{settings.seeds} seed(s); recipe {args.recipe}"
-    )
-    print_rows(rows, title, args.multiple_of)
     payload = {
         "part": "cls",
         "model": "tiny-random-bert" if args.model == "tiny" else "all-MiniLM-L6-v2",
@@ -695,9 +730,22 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
         "recipe": asdict(recipe),
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha},
         "multiple_of": args.multiple_of,
-        "summary": rows,
-        "runs": runs,
     }
+    reused = reusable_runs(args.reuse, payload)
+    runs = run_jobs(
+        jobs,
+        reused,
+        "cls runs",
+        lambda m, t, s: run_cls_one(m, t, s, load, tokenizer, train, test, args, settings, recipe),
+    )
+    rows = aggregate(runs, summary_keys(args.multiple_of))
+    title = (
+        f"MiniLM-L6 sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
+        f"{len(train)} train / {len(test)} test, {runs[0]['steps']} steps x batch {settings.batch_size}, "
+        f"{settings.seeds} seed(s); recipe {args.recipe}"
+    )
+    print_rows(rows, title, args.multiple_of)
+    payload.update(summary=rows, runs=runs)
     path = common.write_json(payload, f"{args.name}_cls", args.out_dir, device=args.device_obj)
     print(f"wrote {path}")
     if not args.no_plots:
@@ -940,16 +988,6 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     for method in methods:
         seeds = [0] if method == "zero-shot" else range(settings.seeds)
         jobs += [(method, t, s) for t in (targets if method.startswith("gates-") else [None]) for s in seeds]
-    runs = []
-    for method, target, seed in tqdm(jobs, desc="lm runs", unit="run"):
-        runs.append(run_lm_one(method, target, seed, load, train, test, args, settings, recipe))
-    rows = aggregate(runs, summary_keys(args.multiple_of))
-    title = (
-        f"SmolLM2-135M-Instruct SFT sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
-        f"{len(train)} train / {len(test)} test, batch {settings.batch_size}, {settings.seeds} seed(s); "
-        f"recipe {args.lm_recipe}"
-    )
-    print_rows(rows, title, args.multiple_of)
     payload = {
         "part": "lm",
         "model": "tiny-random-llama" if args.model == "tiny" else "SmolLM2-135M-Instruct",
@@ -963,9 +1001,22 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lm_lora_targets},
         "prompt_style": args.prompt_style,
         "multiple_of": args.multiple_of,
-        "summary": rows,
-        "runs": runs,
     }
+    reused = reusable_runs(args.reuse, payload)
+    runs = run_jobs(
+        jobs,
+        reused,
+        "lm runs",
+        lambda m, t, s: run_lm_one(m, t, s, load, train, test, args, settings, recipe),
+    )
+    rows = aggregate(runs, summary_keys(args.multiple_of))
+    title = (
+        f"SmolLM2-135M-Instruct SFT sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
+        f"{len(train)} train / {len(test)} test, batch {settings.batch_size}, {settings.seeds} seed(s); "
+        f"recipe {args.lm_recipe}"
+    )
+    print_rows(rows, title, args.multiple_of)
+    payload.update(summary=rows, runs=runs)
     path = common.write_json(payload, f"{args.name}_lm", args.out_dir, device=args.device_obj)
     print(f"wrote {path}")
     if not args.no_plots:
