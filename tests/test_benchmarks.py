@@ -67,6 +67,21 @@ def test_accuracy_cls_tiny(tmp_path):
     assert len(rows) == 5 and all(r["file"] == "accuracy_cls" for r in rows)
 
 
+def test_accuracy_reuse_keeps_earlier_runs_and_refuses_another_setting(tmp_path, monkeypatch):
+    argv = ["--part", "cls", *TINY, *SMALL, "--methods", "lora-qv", "--out-dir", str(tmp_path), "--no-plots"]
+    first = accuracy.main([*argv, "--name", "one"])["cls"]
+    trained: list[tuple] = []
+    real = accuracy.run_cls_one
+    monkeypatch.setattr(accuracy, "run_cls_one", lambda *a, **k: trained.append(a[:3]) or real(*a, **k))
+    both = accuracy.main([*argv, "--seeds", "2", "--name", "two", "--reuse", str(tmp_path / "one_cls.json")])
+    assert trained == [("lora-qv", None, 1)]  # seed 0 came from the earlier JSON, only seed 1 trained
+    assert both["cls"]["runs"][0] == first["runs"][0] and both["cls"]["summary"][0]["seeds"] == 2
+    with pytest.raises(SystemExit, match="settings=.*differs"):
+        accuracy.main([*argv[:-1], "--steps", "3", "--reuse", str(tmp_path / "one_cls.json")])
+    with pytest.raises(SystemExit, match="no such file"):
+        accuracy.main([*argv, "--reuse", str(tmp_path / "missing.json")])
+
+
 def test_accuracy_lm_tiny(tmp_path):
     argv = ["--part", "lm", *TINY, *SMALL, "--batch-size", "4", "--lm-methods", "zero-shot,lora,gates-units"]
     accuracy.main([*argv, "--multiple-of", "8", "--out-dir", str(tmp_path), "--no-plots"])
