@@ -692,13 +692,54 @@ def reusable_runs(path: Path | None, setting: dict[str, Any]) -> dict[tuple, dic
     return {(r["method"], r["target"], r["seed"]): r for r in old["runs"]}
 
 
-def run_jobs(jobs: list[tuple], reused: dict[tuple, dict[str, Any]], desc: str, one: Callable) -> list:
-    """Every job's run: taken from ``reused`` when there, else ``one(method, target, seed)``."""
+def payload_head(
+    args: argparse.Namespace,
+    part: str,
+    model: str,
+    data: tuple[Sequence, Sequence, PartSettings],
+    recipe_name: str,
+    recipe: Recipe,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The setting half of a results JSON (what ``--reuse`` compares); the runs are added after."""
+    train, test, settings = data
+    head = {
+        "part": part,
+        "model": model,
+        "data": args.data,
+        "tag": args.tag,
+        "n_train": len(train),
+        "n_test": len(test),
+        "settings": asdict(settings),
+        "recipe_name": recipe_name,
+        "recipe": asdict(recipe),
+    }
+    return {**head, **extra, "multiple_of": args.multiple_of}
+
+
+def run_all(
+    args: argparse.Namespace, payload: dict[str, Any], jobs: list[tuple], one: Callable
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs, summary rows) of every ``(method, target, seed)`` job.
+
+    A job found in the ``--reuse`` JSON (checked against ``payload``) is taken from there; the others
+    run ``one(method, target, seed)``.
+    """
+    reused = reusable_runs(args.reuse, payload)
     fresh = [job for job in jobs if job not in reused]
     if len(fresh) < len(jobs):
-        print(f"reusing {len(jobs) - len(fresh)} of {len(jobs)} runs", flush=True)
-    done = {job: one(*job) for job in tqdm(fresh, desc=desc, unit="run")}
-    return [reused.get(job) or done[job] for job in jobs]
+        print(f"reusing {len(jobs) - len(fresh)} of {len(jobs)} runs from {args.reuse}", flush=True)
+    done = {job: one(*job) for job in tqdm(fresh, desc=f"{payload['part']} runs", unit="run")}
+    runs = [reused.get(job) or done[job] for job in jobs]
+    return runs, aggregate(runs, summary_keys(args.multiple_of))
+
+
+def write_results(args: argparse.Namespace, payload: dict[str, Any], title: str) -> Path:
+    """Print the summary table and write ``<name>_<part>.json``."""
+    print_rows(payload["summary"], title, args.multiple_of)
+    path = common.write_json(payload, f"{args.name}_{payload['part']}", args.out_dir, device=args.device_obj)
+    print(f"wrote {path}")
+    return path
 
 
 def run_cls(args: argparse.Namespace) -> dict[str, Any]:
@@ -718,36 +759,28 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
         for t in (targets if m.startswith("gates-") else [None])
         for s in range(settings.seeds)
     ]
-    payload = {
-        "part": "cls",
-        "model": "tiny-random-bert" if args.model == "tiny" else "all-MiniLM-L6-v2",
-        "data": args.data,
-        "tag": args.tag,
-        "n_train": len(train),
-        "n_test": len(test),
-        "settings": asdict(settings),
-        "recipe_name": args.recipe,
-        "recipe": asdict(recipe),
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha},
-        "multiple_of": args.multiple_of,
-    }
-    reused = reusable_runs(args.reuse, payload)
-    runs = run_jobs(
+    payload = payload_head(
+        args,
+        "cls",
+        "tiny-random-bert" if args.model == "tiny" else "all-MiniLM-L6-v2",
+        (train, test, settings),
+        args.recipe,
+        recipe,
+        lora={"r": args.lora_r, "alpha": args.lora_alpha},
+    )
+    runs, rows = run_all(
+        args,
+        payload,
         jobs,
-        reused,
-        "cls runs",
         lambda m, t, s: run_cls_one(m, t, s, load, tokenizer, train, test, args, settings, recipe),
     )
-    rows = aggregate(runs, summary_keys(args.multiple_of))
+    payload.update(summary=rows, runs=runs)
     title = (
         f"MiniLM-L6 sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
         f"{len(train)} train / {len(test)} test, {runs[0]['steps']} steps x batch {settings.batch_size}, "
         f"{settings.seeds} seed(s); recipe {args.recipe}"
     )
-    print_rows(rows, title, args.multiple_of)
-    payload.update(summary=rows, runs=runs)
-    path = common.write_json(payload, f"{args.name}_cls", args.out_dir, device=args.device_obj)
-    print(f"wrote {path}")
+    write_results(args, payload, title)
     if not args.no_plots:
         for p in (
             plot_tradeoff(rows, args, f"{args.name}_cls"),
@@ -988,37 +1021,26 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     for method in methods:
         seeds = [0] if method == "zero-shot" else range(settings.seeds)
         jobs += [(method, t, s) for t in (targets if method.startswith("gates-") else [None]) for s in seeds]
-    payload = {
-        "part": "lm",
-        "model": "tiny-random-llama" if args.model == "tiny" else "SmolLM2-135M-Instruct",
-        "data": args.data,
-        "tag": args.tag,
-        "n_train": len(train),
-        "n_test": len(test),
-        "settings": asdict(settings),
-        "recipe_name": args.lm_recipe,
-        "recipe": asdict(recipe),
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lm_lora_targets},
-        "prompt_style": args.prompt_style,
-        "multiple_of": args.multiple_of,
-    }
-    reused = reusable_runs(args.reuse, payload)
-    runs = run_jobs(
-        jobs,
-        reused,
-        "lm runs",
-        lambda m, t, s: run_lm_one(m, t, s, load, train, test, args, settings, recipe),
+    payload = payload_head(
+        args,
+        "lm",
+        "tiny-random-llama" if args.model == "tiny" else "SmolLM2-135M-Instruct",
+        (train, test, settings),
+        args.lm_recipe,
+        recipe,
+        lora={"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lm_lora_targets},
+        prompt_style=args.prompt_style,
     )
-    rows = aggregate(runs, summary_keys(args.multiple_of))
+    runs, rows = run_all(
+        args, payload, jobs, lambda m, t, s: run_lm_one(m, t, s, load, train, test, args, settings, recipe)
+    )
+    payload.update(summary=rows, runs=runs)
     title = (
         f"SmolLM2-135M-Instruct SFT sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
         f"{len(train)} train / {len(test)} test, batch {settings.batch_size}, {settings.seeds} seed(s); "
         f"recipe {args.lm_recipe}"
     )
-    print_rows(rows, title, args.multiple_of)
-    payload.update(summary=rows, runs=runs)
-    path = common.write_json(payload, f"{args.name}_lm", args.out_dir, device=args.device_obj)
-    print(f"wrote {path}")
+    write_results(args, payload, title)
     if not args.no_plots:
         print(f"wrote {plot_training(runs, args, f'{args.name}_lm')}")
     return payload
