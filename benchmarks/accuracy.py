@@ -821,18 +821,17 @@ def print_rows(rows: list[dict[str, Any]], title: str, multiple_of: int) -> None
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], args: argparse.Namespace, stem: str) -> Any:
-    """Pruned accuracy vs % of block parameters removed: gate points (error bars = seed std) vs baselines."""
+    """Pruned accuracy vs % of block parameters removed: gates vs baseline lines (bars, bands: seed std)."""
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"lora-qv": "C0", "lora-all": "C1", "ia3": "C2", "head": "C7"}
     for row in rows:
         if row["method"] in colors:
-            ax.axhline(
-                100 * row["accuracy"],
-                color=colors[row["method"]],
-                ls="--",
-                label=f"{row['method']} (0% removed)",
-            )
+            mean, std = 100 * row["accuracy"], 100 * (row.get("accuracy_std") or 0)
+            color = colors[row["method"]]
+            ax.axhline(mean, color=color, ls="--", label=f"{row['method']} (0% removed, band = seed std)")
+            if std:
+                ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
     for method, marker in (("gates-both", "o"), ("gates-units", "s")):
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target"])
         if not pts:
