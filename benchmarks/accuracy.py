@@ -14,10 +14,11 @@ vaderSentiment sdist), one fixed 80/20 split for every method.
   logits: zero-shot, LoRA r=8, gates.
 
 The default is a small setting that runs in minutes on a laptop CPU; it is a smoke-size run, not the
-claim. Scale with ``--train-size 0 --test-size 0 --epochs 5 --seeds 3`` (0 = the whole split). The gate
-recipe (lr, lambda and its delayed start / warm-up, init, noise, bias training, scheduler) is on the
-command line and in every result row, because finding the recipe that matches LoRA is part of the job;
-``--recipe`` picks a named starting point (see RECIPES) and single flags override it.
+claim. Scale with ``--train-size 0 --test-size 0 --epochs 3 --seeds 3`` (0 = the whole split; the measured
+claim in docs/benchmarks.md). The gate recipe (lr, lambda and its delayed start / warm-up, init, noise,
+bias training, scheduler) is on the command line and in every result row, because finding the recipe
+that matches LoRA is part of the job; ``--recipe`` picks a named starting point (see RECIPES) and single
+flags override it.
 
 Outputs: a Markdown table per part on stdout, ``<out>/accuracy_{cls,lm}.json`` and plots
 ``accuracy_cls_tradeoff.png`` (accuracy vs % removed: gate points, LoRA/IA3/head lines),
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         + " Part 'cls': MiniLM-L6 sequence classifier (head-only, LoRA, IA3, gates both/units, pruned). "
         "Part 'lm': SmolLM2-135M-Instruct through TRL SFTTrainer (zero-shot, LoRA, gates). Prints a table, "
         "writes accuracy_<part>.json and PNG plots. The default is a minutes-long smoke-size run; scale with "
-        "--train-size 0 --test-size 0 --epochs 5 --seeds 3.",
+        "--train-size 0 --test-size 0 --epochs 3 --seeds 3.",
         formatter_class=common.HelpFormatter,
         epilog="Named recipes (--recipe / --lm-recipe; flags override single fields): "
         + "; ".join(f"{name}: {recipe_text(r)}" for name, r in RECIPES.items())
