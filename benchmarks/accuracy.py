@@ -669,14 +669,15 @@ def summary_keys(multiple_of: int) -> tuple[str, ...]:
 REUSE_KEYS = ("part", "model", "data", "n_train", "n_test", "recipe", "lora", "multiple_of", "prompt_style")
 
 
-def reusable_runs(path: Path | None, setting: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
-    """``(method, target, seed) -> run`` from the ``--reuse`` JSON, after checking it has this setting.
+def reusable_runs(path: Path | None, setting: dict[str, Any]) -> tuple[dict[tuple, dict[str, Any]], dict]:
+    """``(method, target, seed) -> run`` from the ``--reuse`` JSON, after checking it has this setting,
+    and that file's provenance (its ``meta`` and what it reused in turn).
 
     ``setting`` holds this run's :data:`REUSE_KEYS` and ``settings`` (whose ``seeds`` may differ).
     A mismatch is an error naming the field: silently mixing settings would corrupt the means.
     """
     if path is None:
-        return {}
+        return {}, {}
     if not path.is_file():
         raise SystemExit(f"error: --reuse {path}: no such file; give a results JSON written by this script")
     old = json.loads(path.read_text())
@@ -690,7 +691,8 @@ def reusable_runs(path: Path | None, setting: dict[str, Any]) -> dict[tuple, dic
                 f"error: --reuse {path}: its {key}={theirs!r} differs from this run's {mine!r}; rerun with "
                 "the same setting or drop --reuse"
             )
-    return {(r["method"], r["target"], r["seed"]): r for r in old["runs"]}
+    runs = {(r["method"], r["target"], r["seed"]): r for r in old["runs"]}
+    return runs, {"path": str(path), "meta": old.get("meta"), "reused_from": old.get("reused_from")}
 
 
 def payload_head(
@@ -723,13 +725,14 @@ def run_all(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(runs, summary rows) of every ``(method, target, seed)`` job.
 
-    A job found in the ``--reuse`` JSON (checked against ``payload``) is taken from there; the others
-    run ``one(method, target, seed)``.
+    A job found in the ``--reuse`` JSON (checked against ``payload``) is taken from there, and
+    ``payload["reused_from"]`` records that file's provenance; the others run ``one(method, target, seed)``.
     """
-    reused = reusable_runs(args.reuse, payload)
+    reused, source = reusable_runs(args.reuse, payload)
     fresh = [job for job in jobs if job not in reused]
     if len(fresh) < len(jobs):
         print(f"reusing {len(jobs) - len(fresh)} of {len(jobs)} runs from {args.reuse}", flush=True)
+        payload["reused_from"] = {**source, "runs": len(jobs) - len(fresh)}
     done = {job: one(*job) for job in tqdm(fresh, desc=f"{payload['part']} runs", unit="run")}
     runs = [reused.get(job) or done[job] for job in jobs]
     return runs, aggregate(runs, summary_keys(args.multiple_of))

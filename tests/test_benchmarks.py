@@ -76,6 +76,8 @@ def test_accuracy_reuse_keeps_earlier_runs_and_refuses_another_setting(tmp_path,
     both = accuracy.main([*argv, "--seeds", "2", "--name", "two", "--reuse", str(tmp_path / "one_cls.json")])
     assert trained == [("lora-qv", None, 1)]  # seed 0 came from the earlier JSON, only seed 1 trained
     assert both["cls"]["runs"][0] == first["runs"][0] and both["cls"]["summary"][0]["seeds"] == 2
+    source = _json(tmp_path / "two_cls.json")["reused_from"]  # provenance of the reused run
+    assert source["runs"] == 1 and source["path"].endswith("one_cls.json") and "git_commit" in source["meta"]
     with pytest.raises(SystemExit, match="settings=.*differs"):
         accuracy.main([*argv[:-1], "--steps", "3", "--reuse", str(tmp_path / "one_cls.json")])
     with pytest.raises(SystemExit, match="no such file"):
