@@ -567,6 +567,7 @@ def test_sft_trainer_smollm2_units_applies_the_term(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from peft_gates import assets
+
     try:
         model, tokenizer = assets.load_smollm2()
         train, _ = assets.load_movie_sentences()
