@@ -723,7 +723,7 @@ def payload_head(
 def run_all(
     args: argparse.Namespace, payload: dict[str, Any], jobs: list[tuple], one: Callable
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(runs, summary rows) of every ``(method, target, seed)`` job.
+    """(runs, summary rows) of every ``(method, target, seed)`` job, also stored in ``payload``.
 
     A job found in the ``--reuse`` JSON (checked against ``payload``) is taken from there, and
     ``payload["reused_from"]`` records that file's provenance; the others run ``one(method, target, seed)``.
@@ -735,15 +735,16 @@ def run_all(
         payload["reused_from"] = {**source, "runs": len(jobs) - len(fresh)}
     done = {job: one(*job) for job in tqdm(fresh, desc=f"{payload['part']} runs", unit="run")}
     runs = [reused.get(job) or done[job] for job in jobs]
-    return runs, aggregate(runs, summary_keys(args.multiple_of))
+    rows = aggregate(runs, summary_keys(args.multiple_of))
+    payload.update(summary=rows, runs=runs)
+    return runs, rows
 
 
-def write_results(args: argparse.Namespace, payload: dict[str, Any], title: str) -> Path:
+def write_results(args: argparse.Namespace, payload: dict[str, Any], title: str) -> None:
     """Print the summary table and write ``<name>_<part>.json``."""
     print_rows(payload["summary"], title, args.multiple_of)
     path = common.write_json(payload, f"{args.name}_{payload['part']}", args.out_dir, device=args.device_obj)
     print(f"wrote {path}")
-    return path
 
 
 def run_cls(args: argparse.Namespace) -> dict[str, Any]:
@@ -778,7 +779,6 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
         jobs,
         lambda m, t, s: run_cls_one(m, t, s, load, tokenizer, train, test, args, settings, recipe),
     )
-    payload.update(summary=rows, runs=runs)
     title = (
         f"MiniLM-L6 sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
         f"{len(train)} train / {len(test)} test, {runs[0]['steps']} steps x batch {settings.batch_size}, "
@@ -1037,7 +1037,6 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     runs, rows = run_all(
         args, payload, jobs, lambda m, t, s: run_lm_one(m, t, s, load, train, test, args, settings, recipe)
     )
-    payload.update(summary=rows, runs=runs)
     title = (
         f"SmolLM2-135M-Instruct SFT sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
         f"{len(train)} train / {len(test)} test, batch {settings.batch_size}, {settings.seeds} seed(s); "
