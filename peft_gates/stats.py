@@ -156,9 +156,12 @@ def gathered(params: list[nn.Parameter]):
         yield
 
 
-def _side_stats(theta: torch.Tensor, keep: float, sigma: float, regularized: bool) -> SideStats:
+def _side_stats(
+    theta: torch.Tensor, keep: float, sigma: float, regularized: bool, ceiling: float
+) -> SideStats:
+    """Counts of one gate vector; a gate that is neither 0 nor 1 (a learned scale) is ``fractional``."""
     theta = theta.detach().float()
-    z = gates.eval_value(theta)
+    z = gates.eval_value(theta, ceiling)
     closed = int((z == 0).sum())
     opened = int((z == 1).sum())
     return SideStats(
@@ -200,7 +203,13 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
         vectors = layer.gate_vectors(adapter_name)
         with gathered(list(vectors.values())):
             sides = {
-                side: _side_stats(theta, config.keep, config.sigma, side in layer.regularized[adapter_name])
+                side: _side_stats(
+                    theta,
+                    config.keep,
+                    config.sigma,
+                    side in layer.regularized[adapter_name],
+                    layer.ceiling(adapter_name, side),
+                )
                 for side, theta in vectors.items()
             }
         layers.append(LayerStats(name=name, sides=sides))
