@@ -50,7 +50,7 @@ class GateConfig(PeftConfig):
             targets exactly what the merge can remove.
         scale_gates: with ``placement="units"`` only: also gate these sides (``"rows"``, ``"columns"``,
             ``"both"``) of every Linear of the blocks with *scale gates*, which the sparsity term leaves
-            alone. They are learned per-channel scales in [0, 1] that fold into the kept weights at
+            alone. They are learned per-channel scales in [0, scale_max] that fold into the kept weights at
             merge time: more expressive finetuning (as many gates as ``placement="both"``) while the
             sparsity term still acts only on removable units. ``"none"`` (default) adds none.
         scale_max: the ceiling of the scale gates, in [1, 1.5] (``tanh(theta) + 0.5`` cannot pass 1.5).
