@@ -77,8 +77,6 @@ class Recipe:
             pruned model at no inference cost.
         scale_gates: ``GateConfig.scale_gates`` for the unit placement (``none``, ``rows``, ``columns``,
             ``both``): per-channel scale gates on every block Linear, outside the sparsity term.
-        scale_max: ``GateConfig.scale_max``, the ceiling of those scale gates (1 to 1.5; above 1 they can
-            amplify a channel too). Ignored without scale gates.
     """
 
     gate_lr: float = 1e-3
@@ -94,7 +92,6 @@ class Recipe:
     scheduler: str = "constant"
     extra_trainable: str = ""
     scale_gates: str = "none"
-    scale_max: float = 1.0
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
@@ -257,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
         ("scheduler", str, "lr schedule: constant, linear, cosine, ..."),
         ("extra_trainable", str, "module suffixes trained in full with the gates, e.g. LayerNorm"),
         ("scale_gates", str, "units only: scale gates outside the sparsity term (none/rows/columns/both)"),
-        ("scale_max", float, "ceiling of the scale gates, 1 to 1.5 (above 1 they can amplify)"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -327,7 +323,6 @@ def gate_config(
     """A GateConfig from a recipe; the delay/warm-up fractions become step counts for this run's length."""
     from peft_gates import GateConfig
 
-    scales = recipe.scale_gates if placement == "units" else "none"
     return GateConfig(
         task_type=task_type,
         placement=placement,
@@ -340,8 +335,7 @@ def gate_config(
         sparsity_start_step=round(recipe.delay * steps),
         sparsity_warmup_steps=round(recipe.warmup * steps),
         bias=recipe.bias,
-        scale_gates=scales,
-        scale_max=recipe.scale_max if scales != "none" else 1.0,
+        scale_gates=recipe.scale_gates if placement == "units" else "none",
         **kwargs,
     )
 

@@ -8,8 +8,6 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from .gates import MAX_CEILING
-
 
 class GatePeftType(str, enum.Enum):
     """Our own PEFT type: PEFT's ``PeftType`` enum is closed to plugins (see ``_registration``).
@@ -50,13 +48,9 @@ class GateConfig(PeftConfig):
             targets exactly what the merge can remove.
         scale_gates: with ``placement="units"`` only: also gate these sides (``"rows"``, ``"columns"``,
             ``"both"``) of every Linear of the blocks with *scale gates*, which the sparsity term leaves
-            alone. They are learned per-channel scales in [0, scale_max] that fold into the kept weights at
+            alone. They are learned per-channel scales in [0, 1] that fold into the kept weights at
             merge time: more expressive finetuning (as many gates as ``placement="both"``) while the
             sparsity term still acts only on removable units. ``"none"`` (default) adds none.
-        scale_max: the ceiling of the scale gates, in [1, 1.5] (``tanh(theta) + 0.5`` cannot pass 1.5).
-            Above 1 a scale gate can amplify its channel as well as damp it (it still folds into the
-            weights); such gates start at exactly 1 (``theta = atanh(0.5)``, no init noise), so the
-            fresh wrap still equals the base model. Unit gates always stay in [0, 1].
         column_group_size: consecutive input columns that share one column gate; an int for every
             gated module, or a mapping from module-name suffix to size (``{"o_proj": 64}`` gates
             whole heads). Filled from the architecture table in ``"units"`` placement, where its keys
@@ -79,7 +73,6 @@ class GateConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trained modules."})
     placement: Placement = field(default="both", metadata={"help": f"One of {PLACEMENTS}."})
     scale_gates: ScaleSides = field(default="none", metadata={"help": f"One of {SCALE_SIDES} (units only)."})
-    scale_max: float = field(default=1.0, metadata={"help": "Ceiling of the scale gates, in [1, 1.5]."})
     column_group_size: int | dict[str, int] = field(default=1, metadata={"help": "Columns per gate."})
     target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gates to close."})
     sparsity_weight: float = field(default=50.0, metadata={"help": "lambda of the sparsity term."})
@@ -115,15 +108,6 @@ class GateConfig(PeftConfig):
                 f"scale gates only add to placement='units' (placement={self.placement!r} already gates "
                 "every side it names, all under the sparsity term); use placement='units' or "
                 "scale_gates='none'",
-            )
-        if not 1.0 <= self.scale_max <= MAX_CEILING:
-            raise bad("scale_max", self.scale_max, f"it must lie in [1, {MAX_CEILING}]")
-        if self.scale_max != 1.0 and self.scale_gates == "none":
-            raise bad(
-                "scale_max",
-                self.scale_max,
-                "it is the ceiling of the scale gates and there are none; set scale_gates='rows', "
-                "'columns' or 'both' (with placement='units'), or leave scale_max=1.0",
             )
         if not 0.0 <= self.target_sparsity < 1.0:
             raise bad("target_sparsity", self.target_sparsity, "it must lie in [0, 1)")

@@ -6,9 +6,6 @@ Every gate is one raw trainable scalar ``theta``; ``mu = tanh(theta)``.
   per forward (shared by all tokens of the batch);
 * eval value: ``z = clamp(mu + 0.5, 0, 1)``; a unit is removable iff its eval value is exactly 0
   (``mu <= -0.5``); values strictly between 0 and 1 are learned scales that fold into the weights;
-* scale gates (``GateConfig.scale_gates``, never under the sparsity term) may use a higher ceiling
-  ``c`` in (1, 1.5] (``GateConfig.scale_max``): ``z = clamp(mu + 0.5, 0, c)``, so they can amplify a
-  channel as well as damp it; 1.5 is the most ``tanh`` can reach;
 * open probability: ``p = Phi((mu + 0.5) / sigma)`` (the STG relaxation of the L0 norm);
 * sparsity term of one gate vector: ``|mean(p) - keep|`` with ``keep = 1 - target_sparsity``.
 
@@ -26,10 +23,6 @@ from dataclasses import dataclass
 import torch
 
 OPEN_OFFSET = 0.5
-#: the highest gate value ``tanh(theta) + OPEN_OFFSET`` approaches; the bound of ``GateConfig.scale_max``
-MAX_CEILING = 1.0 + OPEN_OFFSET
-#: raw value whose gate value is exactly 1.0 (``tanh(atanh(0.5)) + 0.5 == 1.0`` in fp32)
-THETA_AT_ONE = math.atanh(1.0 - OPEN_OFFSET)
 
 
 def init_theta(size: int, mean: float, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -37,9 +30,9 @@ def init_theta(size: int, mean: float, std: float, generator: torch.Generator | 
     return torch.randn(size, generator=generator, dtype=torch.float32) * std + mean
 
 
-def eval_value(theta: torch.Tensor, ceiling: float = 1.0) -> torch.Tensor:
+def eval_value(theta: torch.Tensor) -> torch.Tensor:
     """Deterministic gate value used at eval time and folded into the weights by the merge."""
-    return torch.clamp(torch.tanh(theta) + OPEN_OFFSET, 0.0, ceiling)
+    return torch.clamp(torch.tanh(theta) + OPEN_OFFSET, 0.0, 1.0)
 
 
 def open_probability(theta: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -92,27 +85,25 @@ class GateSample(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, theta: torch.Tensor, noise: torch.Tensor, keep: float, sigma: float, coef: float, ceiling: float
-    ):
+    def forward(ctx, theta: torch.Tensor, noise: torch.Tensor, keep: float, sigma: float, coef: float):
         pre = torch.tanh(theta) + noise + OPEN_OFFSET
         ctx.save_for_backward(theta, pre)
-        ctx.keep, ctx.sigma, ctx.coef, ctx.ceiling = keep, sigma, coef, ceiling
-        return torch.clamp(pre, 0.0, ceiling)
+        ctx.keep, ctx.sigma, ctx.coef = keep, sigma, coef
+        return torch.clamp(pre, 0.0, 1.0)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         theta, pre = ctx.saved_tensors
-        inside = ((pre > 0.0) & (pre < ctx.ceiling)).to(grad_out.dtype)
+        inside = ((pre > 0.0) & (pre < 1.0)).to(grad_out.dtype)
         grad = grad_out * inside * (1.0 - torch.tanh(theta) ** 2)
         if ctx.coef != 0.0:
             grad = grad + ctx.coef * sparsity_term_grad(theta, ctx.keep, ctx.sigma)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 def sample_with_sparsity_grad(
-    theta: torch.Tensor, noise_std: float, keep: float, sigma: float, coef: float, ceiling: float = 1.0
+    theta: torch.Tensor, noise_std: float, keep: float, sigma: float, coef: float
 ) -> torch.Tensor:
     """Training gate values for ``theta`` with the sparsity gradient attached (see :class:`GateSample`)."""
     noise = torch.randn_like(theta) * noise_std if noise_std > 0 else torch.zeros_like(theta)
-    return GateSample.apply(theta, noise, keep, sigma, coef, ceiling)
+    return GateSample.apply(theta, noise, keep, sigma, coef)

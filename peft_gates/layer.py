@@ -74,35 +74,29 @@ class GateLayer(BaseTunerLayer):
 
         ``regularized`` names the sides the sparsity term acts on (see ``GateConfig.gate_sides``).
         """
-        if "columns" in sides and self.in_features % group_size != 0:
+        rows, columns = "rows" in sides, "columns" in sides
+        if columns and self.in_features % group_size != 0:
             raise ValueError(
                 f"GateConfig.column_group_size={group_size} does not divide in_features={self.in_features}; "
                 "use a divisor of the layer's input size (e.g. the head_dim)"
             )
+        if rows:
+            self.peft_gates_row[adapter_name] = nn.Parameter(
+                gates.init_theta(self.out_features, config.init_mean, config.init_std)
+            )
+        if columns:
+            self.peft_gates_col[adapter_name] = nn.Parameter(
+                gates.init_theta(self.in_features // group_size, config.init_mean, config.init_std)
+            )
         self.column_group[adapter_name] = group_size
         self.regularized[adapter_name] = tuple(side for side in regularized if side in sides)
         self.gate_settings[adapter_name] = config
-        sizes = {"rows": self.out_features, "columns": self.in_features // group_size}
-        for side, store in (("rows", self.peft_gates_row), ("columns", self.peft_gates_col)):
-            if side in sides:
-                store[adapter_name] = nn.Parameter(self._init_theta(adapter_name, side, sizes[side]))
         device = next((p.device for p in self.get_base_layer().parameters() if p.device.type != "meta"), None)
         if device is not None:
             for store in (self.peft_gates_row, self.peft_gates_col):
                 if adapter_name in store:
                     store[adapter_name] = nn.Parameter(store[adapter_name].data.to(device))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-
-    def _init_theta(self, adapter_name: str, side: str, size: int) -> torch.Tensor:
-        """The paper's random init, except scale gates that can exceed 1: those start at exactly 1."""
-        config = self.gate_settings[adapter_name]
-        if self.ceiling(adapter_name, side) > 1.0:
-            return torch.full((size,), gates.THETA_AT_ONE, dtype=torch.float32)
-        return gates.init_theta(size, config.init_mean, config.init_std)
-
-    def ceiling(self, adapter_name: str, side: str) -> float:
-        """Highest value of ``adapter_name``'s gates on ``side``: ``scale_max`` for scale gates, else 1."""
-        return 1.0 if side in self.regularized[adapter_name] else self.gate_settings[adapter_name].scale_max
 
     def gate_vectors(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """The raw gate parameters of ``adapter_name`` by side (``"rows"``, ``"columns"``)."""
@@ -115,24 +109,20 @@ class GateLayer(BaseTunerLayer):
 
     def eval_gates(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Deterministic (row, column) gate values, columns expanded to ``in_features``."""
-        values = {
-            side: gates.eval_value(theta.detach().float(), self.ceiling(adapter_name, side))
-            for side, theta in self.gate_vectors(adapter_name).items()
-        }
-        z_col = values.get("columns")
-        if z_col is not None:
+        vectors = self.gate_vectors(adapter_name)
+        z_row = gates.eval_value(vectors["rows"].detach().float()) if "rows" in vectors else None
+        z_col = None
+        if "columns" in vectors:
+            z_col = gates.eval_value(vectors["columns"].detach().float())
             z_col = z_col.repeat_interleave(self.column_group[adapter_name])
-        return values.get("rows"), z_col
+        return z_row, z_col
 
     def _gate_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Gate values by side for this forward: noisy, with the sparsity gradient attached, when
         training; the deterministic eval values (still differentiable) otherwise."""
         vectors = self.gate_vectors(adapter_name)
         if not self.training:
-            return {
-                side: gates.eval_value(theta, self.ceiling(adapter_name, side))
-                for side, theta in vectors.items()
-            }
+            return {side: gates.eval_value(theta) for side, theta in vectors.items()}
         cfg = self.gate_settings[adapter_name]
         regularized = self.regularized[adapter_name]
         coef = 0.0
@@ -140,12 +130,7 @@ class GateLayer(BaseTunerLayer):
             coef = self.sparsity[adapter_name].per_vector(len(regularized))
         return {
             side: gates.sample_with_sparsity_grad(
-                theta,
-                cfg.noise_std,
-                cfg.keep,
-                cfg.sigma,
-                coef if side in regularized else 0.0,
-                self.ceiling(adapter_name, side),
+                theta, cfg.noise_std, cfg.keep, cfg.sigma, coef if side in regularized else 0.0
             )
             for side, theta in vectors.items()
         }

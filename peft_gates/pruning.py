@@ -493,7 +493,7 @@ def _read_gates(layer: GateLayer, adapters: Iterable[str], skip_merged: bool = F
             theta = theta.detach().float().cpu()
             if side == "columns":
                 theta = theta.repeat_interleave(layer.column_group[name])
-            value = gates.eval_value(theta, layer.ceiling(name, side))
+            value = gates.eval_value(theta)
             if not torch.isfinite(value).all():
                 raise ValueError(
                     f"adapter {name!r} has non-finite gate values on a layer; they cannot be folded"

@@ -156,12 +156,9 @@ def gathered(params: list[nn.Parameter]):
         yield
 
 
-def _side_stats(
-    theta: torch.Tensor, keep: float, sigma: float, regularized: bool, ceiling: float
-) -> SideStats:
-    """Counts of one gate vector; a gate that is neither 0 nor 1 (a learned scale) is ``fractional``."""
+def _side_stats(theta: torch.Tensor, keep: float, sigma: float, regularized: bool) -> SideStats:
     theta = theta.detach().float()
-    z = gates.eval_value(theta, ceiling)
+    z = gates.eval_value(theta)
     closed = int((z == 0).sum())
     opened = int((z == 1).sum())
     return SideStats(
@@ -203,13 +200,7 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
         vectors = layer.gate_vectors(adapter_name)
         with gathered(list(vectors.values())):
             sides = {
-                side: _side_stats(
-                    theta,
-                    config.keep,
-                    config.sigma,
-                    side in layer.regularized[adapter_name],
-                    layer.ceiling(adapter_name, side),
-                )
+                side: _side_stats(theta, config.keep, config.sigma, side in layer.regularized[adapter_name])
                 for side, theta in vectors.items()
             }
         layers.append(LayerStats(name=name, sides=sides))

@@ -16,7 +16,7 @@ Metrics (added to the Trainer's logs, ``state.log_history`` and every reporter):
 (the unweighted regularizer, mean over gated layers of ``|mean p - keep|``), ``sparsity_lambda`` (lambda
 applied in the last step), ``sparsity_realized`` (fraction of the gates under the sparsity term whose
 eval value is exactly 0; scale gates are left out),
-``gates_fractional`` (fraction neither 0 nor 1: learned scales) and ``params_removable``
+``gates_fractional`` (fraction strictly between 0 and 1: learned scales) and ``params_removable``
 (parameters in the MLP neurons and attention units that the pruning merge would remove now).
 """
 

@@ -137,13 +137,6 @@ def test_recipe_flags_override_the_named_recipe():
     assert accuracy.total_steps(100, settings) == 2 * 4  # 2 epochs x ceil(100 / 32)
     config = accuracy.gate_config(recipe, steps=10, target=0.3, placement="both", task_type="SEQ_CLS")
     assert config.sparsity_start_step == 5 and config.target_sparsity == 0.3
-    # scale_max reaches the scale gates of the unit placement, and is dropped where there are none
-    args = accuracy.build_parser().parse_args(["--scale-gates", "both", "--scale-max", "1.5"])
-    recipe = accuracy.resolve_recipe(args, args.recipe)
-    units = accuracy.gate_config(recipe, steps=10, target=0.3, placement="units", task_type="SEQ_CLS")
-    both = accuracy.gate_config(recipe, steps=10, target=0.3, placement="both", task_type="SEQ_CLS")
-    assert (units.scale_gates, units.scale_max) == ("both", 1.5)
-    assert (both.scale_gates, both.scale_max) == ("none", 1.0)
 
 
 # --------------------------------------------------------------------------------------------- train cost

@@ -15,16 +15,6 @@ def test_eval_value_matches_formula():
     torch.testing.assert_close(gates.eval_value(theta), expected, atol=1e-6, rtol=0)
 
 
-def test_scale_ceiling_lets_a_gate_exceed_one():
-    theta = torch.tensor([gates.THETA_AT_ONE, 1.0, 5.0, -3.0])
-    expected = torch.tensor([1.0, 0.5 + math.tanh(1.0), 1.4, 0.0])
-    torch.testing.assert_close(gates.eval_value(theta, ceiling=1.4), expected, atol=1e-6, rtol=0)
-    assert (
-        gates.eval_value(torch.tensor([gates.THETA_AT_ONE])).item() == 1.0
-    )  # exact: a fresh wrap is the base
-    assert gates.MAX_CEILING == 1.5
-
-
 def test_open_probability_is_gaussian_cdf():
     theta = torch.tensor([0.0, math.atanh(-0.5), 1.0])
     sigma = 0.5
@@ -50,7 +40,7 @@ def test_gate_sample_task_gradient_and_injected_sparsity_gradient():
     theta = torch.tensor([0.1, -0.3, 2.0], requires_grad=True)
     noise = torch.tensor([0.05, 0.0, 0.0])
     coef = 3.0
-    z = gates.GateSample.apply(theta, noise, 0.7, 0.5, coef, 1.0)
+    z = gates.GateSample.apply(theta, noise, 0.7, 0.5, coef)
     torch.testing.assert_close(z.detach(), torch.clamp(torch.tanh(theta.detach()) + noise + 0.5, 0, 1))
     upstream = torch.tensor([1.0, 2.0, 5.0])
     z.backward(upstream)
@@ -61,17 +51,9 @@ def test_gate_sample_task_gradient_and_injected_sparsity_gradient():
     torch.testing.assert_close(theta.grad, upstream * inside * sech2 + coef * reg)
 
 
-def test_gate_sample_above_one_gets_task_gradient_below_its_ceiling():
-    theta = torch.tensor([1.0, 5.0], requires_grad=True)  # values 1.26 (inside) and 1.5 (at the ceiling)
-    z = gates.GateSample.apply(theta, torch.zeros(2), 0.7, 0.5, 0.0, 1.4)
-    torch.testing.assert_close(z.detach(), torch.tensor([0.5 + math.tanh(1.0), 1.4]))
-    z.sum().backward()
-    torch.testing.assert_close(theta.grad, torch.tensor([1 - math.tanh(1.0) ** 2, 0.0]))
-
-
 def test_zero_coefficient_injects_nothing():
     theta = torch.tensor([0.1, -0.3], requires_grad=True)
-    gates.GateSample.apply(theta, torch.zeros(2), 0.7, 0.5, 0.0, 1.0).sum().backward()
+    gates.GateSample.apply(theta, torch.zeros(2), 0.7, 0.5, 0.0).sum().backward()
     torch.testing.assert_close(theta.grad, 1 - torch.tanh(theta.detach()) ** 2)
 
 

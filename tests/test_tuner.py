@@ -16,19 +16,18 @@ def _gate_params(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if "peft_gates_" in n}
 
 
-#: (placement, scale_gates, scale_max)
-PLACEMENTS = [("both", "none", 1.0), ("units", "none", 1.0), ("units", "both", 1.0), ("units", "both", 1.5)]
+PLACEMENTS = [("both", "none"), ("units", "none"), ("units", "both")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize(("placement", "scale_gates", "scale_max"), PLACEMENTS)
-def test_fresh_wrap_equals_base(family, placement, scale_gates, scale_max):
+@pytest.mark.parametrize(("placement", "scale_gates"), PLACEMENTS)
+def test_fresh_wrap_equals_base(family, placement, scale_gates):
     base = tiny_model(family)
     x = tiny_inputs()
     with torch.no_grad():
         ref = base(x).logits
     kwargs = {"modules_to_save": ["classifier"]} if family in ENCODERS else {}
-    config = GateConfig(placement=placement, scale_gates=scale_gates, scale_max=scale_max, **kwargs)
+    config = GateConfig(placement=placement, scale_gates=scale_gates, **kwargs)
     model = get_peft_model(base, config).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)
@@ -103,29 +102,6 @@ def test_scale_gates_sit_outside_the_sparsity_term():
     assert stats.realized_sparsity == pytest.approx(12 / n_unit_gates)
     assert stats.scale_gates == stats.num_gates - n_unit_gates
     assert "scale gates" in stats.summary()
-
-
-def test_scale_max_applies_to_scale_gates_only(tmp_path):
-    """Scale gates above 1 amplify (and reload with their ceiling); unit gates stay capped at 1."""
-    from peft import PeftModel
-
-    model = get_peft_model(
-        tiny_model("llama"), GateConfig(placement="units", scale_gates="rows", scale_max=1.3)
-    )
-    down = model.base_model.model.model.layers[0].mlp.down_proj
-    assert (down.ceiling("default", "rows"), down.ceiling("default", "columns")) == (1.3, 1.0)
-    with torch.no_grad():
-        down.peft_gates_row["default"].fill_(5.0)
-        down.peft_gates_col["default"].fill_(5.0)
-    z_row, z_col = down.eval_gates("default")
-    assert torch.all(z_row == 1.3) and torch.all(z_col == 1.0)
-    model.train()
-    assert torch.all(down._gate_values("default")["rows"] <= 1.3)
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
-    assert loaded.peft_config["default"].scale_max == 1.3
-    z_row, _ = loaded.base_model.model.model.layers[0].mlp.down_proj.eval_gates("default")
-    assert torch.all(z_row == 1.3)
 
 
 def test_scale_gates_reload_without_re_resolving(tmp_path):
@@ -228,17 +204,6 @@ def test_config_rejects_bad_values():
 def test_scale_gates_need_the_units_placement():
     with pytest.raises(ValueError, match="GateConfig.scale_gates='rows'.*placement='units'"):
         GateConfig(placement="both", scale_gates="rows")
-
-
-@pytest.mark.parametrize("value", [0.9, 1.6])
-def test_scale_max_out_of_range(value):
-    with pytest.raises(ValueError, match=rf"GateConfig.scale_max={value}.*\[1, 1.5\]"):
-        GateConfig(placement="units", scale_gates="both", scale_max=value)
-
-
-def test_scale_max_needs_scale_gates():
-    with pytest.raises(ValueError, match="GateConfig.scale_max=1.2.*scale_gates='rows'"):
-        GateConfig(placement="units", scale_max=1.2)
 
 
 def test_group_size_must_divide_in_features():
