@@ -444,16 +444,22 @@ def test_sft_script_trains_saves_and_prunes(tmp_path):
 def test_gate_arguments_mirror_gate_config():
     from dataclasses import fields
 
+    from peft import PeftConfig
+
     script = _load_integration("trl/sft_gates.py")
     args = script.GateArguments()
     config = peft_gates.GateConfig()
+    mirrored = set()
     for f in fields(args):
         if f.name in args.MERGE_ONLY:
             continue
         name = args.RENAMED.get(f.name, f.name)
+        mirrored.add(name)
         expected = getattr(config, name)
         value = getattr(args, f.name)
         assert (str(expected) if name == "column_group_size" else expected) == value, name
+    own = {f.name for f in fields(peft_gates.GateConfig)} - {f.name for f in fields(PeftConfig)}
+    assert own <= mirrored, f"GateConfig fields without a command-line option: {sorted(own - mirrored)}"
     built = script.GateArguments(
         column_group_size='{"o_proj": 8}', gate_target_modules=["all-linear"]
     ).to_config()

@@ -64,6 +64,10 @@ class GateArguments:
         default=None, metadata={"help": "Extra modules trained in full and saved."}
     )
     placement: str = field(default="both", metadata={"help": "rows | columns | both | units."})
+    scale_gates: str = field(
+        default="none",
+        metadata={"help": "units only: scale gates outside the sparsity term (none|rows|columns|both)."},
+    )
     column_group_size: str = field(default="1", metadata={"help": "int, or JSON {module-suffix: size}."})
     target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gates to close."})
     sparsity_weight: float = field(default=50.0, metadata={"help": "lambda of the sparsity term."})
