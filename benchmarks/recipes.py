@@ -8,6 +8,7 @@ record of what was tried is the results folder itself.
     python -m benchmarks.recipes run                      # every variant, small shared setting
     python -m benchmarks.recipes run --only units-ref,lora --train-size 0 --epochs 5
     python -m benchmarks.recipes show                     # table of everything in the folder
+    python -m benchmarks.recipes show --part lm --dir benchmarks/results/lm_recipes --plot   # + trade-off PNG
 """
 
 from __future__ import annotations
@@ -102,12 +103,15 @@ SEARCH: list[tuple[str, str, list[str]]] = [
      ["--methods", "gates-units", "--recipe", "tuned", "--scale-gates", "both", "--head-lr", "3e-3"]),
 ]  # fmt: skip
 
+#: the recipe each part's table states its runs against (the authors' one; SmolLM2's main-job one)
+BASE_RECIPE = {"cls": "reference", "lm": "smollm2-main"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.recipes",
         description="Run the listed gate-recipe variants on MiniLM (accuracy.py --part cls) with one shared "
-        "setting, or show a table of every accuracy_cls-style JSON in a folder.",
+        "setting, or show a table (and a trade-off plot) of every results JSON of one part in a folder.",
         formatter_class=common.HelpFormatter,
     )
     parser.add_argument("command", choices=("run", "show", "list"), help="run variants / show results / list")
@@ -121,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="1", help="shared by every variant")
     parser.add_argument("--targets", default="0.3", help="gate target sparsities")
     parser.add_argument("--extra", default="", help="more accuracy.py arguments for every variant (quoted)")
+    parser.add_argument(
+        "--part", choices=sorted(BASE_RECIPE), default="cls", help="show: which part's JSONs (*_cls / *_lm)"
+    )
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="show: also write <dir>/tradeoff_<part>.png, every gate run's pruned accuracy vs block "
+        "parameters removed, with each baseline as a line (band = seed std), one colour per training setting",
+    )
     return parser
 
 
@@ -139,15 +152,16 @@ def run(args: argparse.Namespace) -> None:
         accuracy.main([*shared, *argv, "--name", tag, "--tag", f"{tag}: {what}", "--no-plots"])
 
 
-def recipe_diff(recipe: dict[str, Any]) -> str:
-    """The knobs where a run's recipe differs from the authors' reference (short, for a table cell)."""
-    ref = asdict(accuracy.RECIPES["reference"])
-    return ", ".join(f"{k}={v}" for k, v in recipe.items() if ref.get(k) != v) or "reference"
+def recipe_diff(recipe: dict[str, Any], base: str = "reference") -> str:
+    """The knobs where a run's recipe differs from the ``base`` recipe (short, for a table cell)."""
+    ref = asdict(accuracy.RECIPES[base])
+    return ", ".join(f"{k}={v}" for k, v in recipe.items() if ref.get(k) != v) or base
 
 
 def show(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for path in sorted(Path(args.dir).glob("*_cls.json")):
+    base = BASE_RECIPE[args.part]
+    for path in sorted(Path(args.dir).glob(f"*_{args.part}.json")):
         data = json.loads(path.read_text())
         for row in data["summary"]:
             gated = row["method"].startswith("gates-")
@@ -155,7 +169,7 @@ def show(args: argparse.Namespace) -> list[dict[str, Any]]:
                 **row,
                 "file": path.stem,
                 "setting": f"{data['n_train']}x{data['settings']['epochs']}ep/{data['n_test']}",
-                "recipe": recipe_diff(data["recipe"]) if gated else "-",
+                "recipe": recipe_diff(data["recipe"], base) if gated else "-",
                 "acc": accuracy.pm(row, "accuracy"),
                 "acc_pruned": accuracy.pm(row, "accuracy_pruned") if gated else None,
                 "blk": accuracy.pm(row, "removed_block") if gated else None,
@@ -168,7 +182,7 @@ def show(args: argparse.Namespace) -> list[dict[str, Any]]:
             common.Column("setting", "train x epochs / test"),
             common.Column("method", "method"),
             common.Column("target", "target"),
-            common.Column("recipe", "recipe (vs reference)"),
+            common.Column("recipe", f"recipe (vs {base})"),
             common.Column("acc", "acc % gated"),
             common.Column("acc_pruned", "acc % pruned"),
             common.Column("blk", "block removed %"),
@@ -176,7 +190,48 @@ def show(args: argparse.Namespace) -> list[dict[str, Any]]:
         ],
         f"Gate recipes tried ({args.dir})",
     )
+    if args.plot:
+        print(f"wrote {plot_tradeoff(rows, Path(args.dir) / f'tradeoff_{args.part}.png')}")
     return rows
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Every gate run of a folder as a point (pruned accuracy vs block parameters removed, bars = seed std)
+    against each baseline's line, one colour per training setting: the whole search on one trade-off plot.
+    """
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = {s: f"C{i}" for i, s in enumerate(sorted({r["setting"] for r in rows}))}
+    for row in rows:
+        mean, std = 100 * row["accuracy"], 100 * (row.get("accuracy_std") or 0)
+        color = colors[row["setting"]]
+        if not row["method"].startswith("gates-"):
+            if row["method"] == "zero-shot":
+                continue
+            label = f"{row['method']}, {row['setting']}, {row['seeds']} seed(s) (0% removed)"
+            ax.axhline(mean, color=color, ls="--", label=label)
+            if std:
+                ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
+            continue
+        x, y = 100 * row["removed_block"], 100 * row["accuracy_pruned"]
+        ax.errorbar(
+            x,
+            y,
+            xerr=100 * (row.get("removed_block_std") or 0),
+            yerr=100 * (row.get("accuracy_pruned_std") or 0),
+            marker="o" if row["seeds"] > 1 else ".",
+            color=color,
+            capsize=3,
+        )
+        ax.annotate(row["file"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    for setting, color in colors.items():  # one legend entry per setting for the gate points
+        ax.plot([], [], "o", color=color, label=f"gate runs, {setting} (big dot: several seeds)")
+    ax.set_xlabel("block parameters removed by the pruning merge (%)")
+    ax.set_ylabel("test accuracy of the pruned model (%)")
+    ax.set_title(f"Gate recipes in {path.parent.name}: accuracy vs parameters removed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return common.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -186,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
             print(f"{tag:22s} {what}\n{'':22s} {' '.join(argv_)}")
         return SEARCH
     if args.command == "run":
+        if args.part != "cls":
+            raise SystemExit(f"error: --part {args.part}: `run` trains the MiniLM (cls) variants; use `show`")
         run(args)
     return show(args)
 

@@ -97,6 +97,13 @@ def test_accuracy_lm_tiny(tmp_path):
     assert {"accuracy_pruned", "removed_block", "removed_model_measured", "history"} <= methods[
         "gates-units"
     ].keys()
+    # the LM recipe log: a table stated against the main job's recipe, and the trade-off plot of the folder
+    rows = recipes.main(["show", "--part", "lm", "--dir", str(tmp_path), "--plot"])
+    assert {r["method"] for r in rows} == {"zero-shot", "lora", "gates-units"}
+    assert "gate_lr=0.01" in next(r for r in rows if r["method"] == "gates-units")["recipe"]
+    assert (tmp_path / "tradeoff_lm.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--part lm"):
+        recipes.main(["run", "--part", "lm", "--dir", str(tmp_path)])
 
 
 def test_removal_accounting_matches_the_pruned_model():
