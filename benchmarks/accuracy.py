@@ -11,7 +11,7 @@ vaderSentiment sdist), one fixed 80/20 split for every method.
   (``prune_and_unload``), and the realized share of parameters removed.
 * ``--part lm``: SmolLM2-135M-Instruct as a causal LM trained with TRL's SFTTrainer on prompt/completion
   rows of the same task (answer "positive"/"negative"), scored by comparing the two answer tokens'
-  logits: zero-shot, LoRA r=8, gates.
+  logits: zero-shot, LoRA r=8 (every Linear, or q/v), IA3, gates ``units`` and ``both``.
 
 The default is a small setting that runs in minutes on a laptop CPU; it is a smoke-size run, not the
 claim. Scale with ``--train-size 0 --test-size 0 --epochs 3 --seeds 3`` (0 = the whole split; the measured
@@ -51,7 +51,8 @@ except ImportError:  # run as `python benchmarks/accuracy.py`
 BERT_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 CLS_METHODS = ("head", "lora-qv", "lora-all", "ia3", "gates-both", "gates-units")
-LM_METHODS = ("zero-shot", "lora", "gates-units", "gates-both")
+#: "lora" targets ``--lm-lora-targets`` (every Linear by default); "lora-qv" the attention q/v projections
+LM_METHODS = ("zero-shot", "lora", "lora-qv", "ia3", "gates-units", "gates-both")
 
 
 @dataclass
@@ -907,7 +908,7 @@ def run_lm_one(
     settings: PartSettings,
     recipe: Recipe,
 ) -> dict[str, Any]:
-    """Zero-shot score, or SFT (LoRA / gates) with TRL's SFTTrainer, then score gated and pruned models."""
+    """Zero-shot score, or SFT (LoRA / IA3 / gates) with TRL's SFTTrainer; score gated and pruned models."""
     from peft_gates import assets
 
     common.seed_everything(seed)
@@ -932,7 +933,7 @@ def run_lm_one(
         return run
     datasets = common.require("datasets")
     trl = common.require("trl")
-    from peft import LoraConfig
+    from peft import IA3Config, LoraConfig
 
     from peft_gates.training import attach
 
@@ -944,12 +945,15 @@ def run_lm_one(
             recipe, steps, target, method.removeprefix("gates-"), "CAUSAL_LM", modules_to_save=extra
         )
         lr = recipe.gate_lr
+    elif method == "ia3":  # PEFT's Llama default: k/v projections and the MLP's down projection
+        peft_config, lr = IA3Config(task_type="CAUSAL_LM"), settings.ia3_lr
     else:
-        targets = (
-            args.lm_lora_targets
-            if args.lm_lora_targets == "all-linear"
-            else common.parse_list(args.lm_lora_targets)
-        )
+        if method == "lora-qv":
+            targets: str | list[str] = ["q_proj", "v_proj"]
+        elif args.lm_lora_targets == "all-linear":
+            targets = args.lm_lora_targets
+        else:
+            targets = common.parse_list(args.lm_lora_targets)
         peft_config = LoraConfig(
             task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets
         )
@@ -1008,7 +1012,7 @@ def run_lm_one(
 
 
 def run_lm(args: argparse.Namespace) -> dict[str, Any]:
-    """Part (b): SmolLM2-135M-Instruct, zero-shot / LoRA / gates through SFTTrainer; table, JSON, plot."""
+    """Part (b): SmolLM2-135M-Instruct, zero-shot / LoRA / IA3 / gates via SFTTrainer; table, JSON, plot."""
     settings = part_settings(args, LM_DEFAULTS)
     recipe = resolve_recipe(args, args.lm_recipe)
     methods = common.parse_list(args.lm_methods)

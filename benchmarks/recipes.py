@@ -202,6 +202,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {s: f"C{i}" for i, s in enumerate(sorted({r["setting"] for r in rows}))}
+    baselines = sorted({r["method"] for r in rows if not r["method"].startswith("gates-")})
+    styles = {m: ("--", ":", "-.", (0, (5, 1)))[i % 4] for i, m in enumerate(baselines)}
     for row in rows:
         mean, std = 100 * row["accuracy"], 100 * (row.get("accuracy_std") or 0)
         color = colors[row["setting"]]
@@ -209,7 +211,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
             if row["method"] == "zero-shot":
                 continue
             label = f"{row['method']}, {row['setting']}, {row['seeds']} seed(s) (0% removed)"
-            ax.axhline(mean, color=color, ls="--", label=label)
+            ax.axhline(mean, color=color, ls=styles[row["method"]], label=label)
             if std:
                 ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
             continue

@@ -85,21 +85,25 @@ def test_accuracy_reuse_keeps_earlier_runs_and_refuses_another_setting(tmp_path,
 
 
 def test_accuracy_lm_tiny(tmp_path):
-    argv = ["--part", "lm", *TINY, *SMALL, "--batch-size", "4", "--lm-methods", "zero-shot,lora,gates-units"]
+    methods = "zero-shot,lora,lora-qv,ia3,gates-units"
+    argv = ["--part", "lm", *TINY, *SMALL, "--batch-size", "4", "--lm-methods", methods]
     accuracy.main([*argv, "--multiple-of", "8", "--out-dir", str(tmp_path), "--no-plots"])
     data = _json(tmp_path / "accuracy_lm.json")
     methods = {r["method"]: r for r in data["runs"]}
     # the summary carries the removal at the requested width alignment (the table's aligned column)
     gated_row = next(r for r in data["summary"] if r["method"] == "gates-units")
     assert gated_row["removed_block_x8"] == methods["gates-units"]["removed_block_x8"]
-    assert set(methods) == {"zero-shot", "lora", "gates-units"}
+    assert set(methods) == {"zero-shot", "lora", "lora-qv", "ia3", "gates-units"}
     assert methods["zero-shot"]["trainable_params"] == 0
+    # every adapter trains fewer parameters than LoRA on every Linear: q/v-only LoRA, IA3's vectors
+    assert 0 < methods["ia3"]["trainable_params"] < methods["lora-qv"]["trainable_params"]
+    assert methods["lora-qv"]["trainable_params"] < methods["lora"]["trainable_params"]
     assert {"accuracy_pruned", "removed_block", "removed_model_measured", "history"} <= methods[
         "gates-units"
     ].keys()
     # the LM recipe log: a table stated against the main job's recipe, and the trade-off plot of the folder
     rows = recipes.main(["show", "--part", "lm", "--dir", str(tmp_path), "--plot"])
-    assert {r["method"] for r in rows} == {"zero-shot", "lora", "gates-units"}
+    assert {r["method"] for r in rows} == {"zero-shot", "lora", "lora-qv", "ia3", "gates-units"}
     assert "gate_lr=0.01" in next(r for r in rows if r["method"] == "gates-units")["recipe"]
     assert (tmp_path / "tradeoff_lm.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="--part lm"):
