@@ -201,15 +201,14 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
     """
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    rows = [r for r in rows if r["method"] != "zero-shot"]  # far below every trained method
     colors = {s: f"C{i}" for i, s in enumerate(sorted({r["setting"] for r in rows}))}
     baselines = sorted({r["method"] for r in rows if not r["method"].startswith("gates-")})
     styles = {m: ("--", ":", "-.", (0, (5, 1)))[i % 4] for i, m in enumerate(baselines)}
     for row in rows:
-        mean, std = 100 * row["accuracy"], 100 * (row.get("accuracy_std") or 0)
         color = colors[row["setting"]]
-        if not row["method"].startswith("gates-"):
-            if row["method"] == "zero-shot":
-                continue
+        if row["method"] in styles:
+            mean, std = 100 * row["accuracy"], 100 * (row.get("accuracy_std") or 0)
             label = f"{row['method']}, {row['setting']}, {row['seeds']} seed(s) (0% removed)"
             ax.axhline(mean, color=color, ls=styles[row["method"]], label=label)
             if std:
