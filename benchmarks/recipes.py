@@ -158,11 +158,23 @@ def recipe_diff(recipe: dict[str, Any], base: str = "reference") -> str:
     return ", ".join(f"{k}={v}" for k, v in recipe.items() if ref.get(k) != v) or base
 
 
+def reused_names(data: dict[str, Any]) -> set[str]:
+    """File names of every results JSON that ``data`` took runs from with ``--reuse`` (the whole chain)."""
+    names, link = set(), data.get("reused_from")
+    while link:
+        names.add(Path(link["path"]).name)
+        link = link.get("reused_from")
+    return names
+
+
 def show(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     base = BASE_RECIPE[args.part]
-    for path in sorted(Path(args.dir).glob(f"*_{args.part}.json")):
-        data = json.loads(path.read_text())
+    paths = sorted(Path(args.dir).glob(f"*_{args.part}.json"))
+    files = {path: json.loads(path.read_text()) for path in paths}
+    # A file whose runs a later file reused is a part of that file: tabled, but not plotted twice.
+    superseded = set().union(*(reused_names(data) for data in files.values()))
+    for path, data in files.items():
         for row in data["summary"]:
             gated = row["method"].startswith("gates-")
             rows.append({
@@ -174,6 +186,7 @@ def show(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "acc_pruned": accuracy.pm(row, "accuracy_pruned") if gated else None,
                 "blk": accuracy.pm(row, "removed_block") if gated else None,
                 "mdl": accuracy.pm(row, "removed_model") if gated else None,
+                "superseded": path.name in superseded,
             })  # fmt: skip
     common.print_table(
         rows,
@@ -201,7 +214,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
     """
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    rows = [r for r in rows if r["method"] != "zero-shot"]  # far below every trained method
+    # zero-shot is far below every trained method; a superseded file's runs are drawn by the file reusing them
+    rows = [r for r in rows if r["method"] != "zero-shot" and not r["superseded"]]
     colors = {s: f"C{i}" for i, s in enumerate(sorted({r["setting"] for r in rows}))}
     baselines = sorted({r["method"] for r in rows if not r["method"].startswith("gates-")})
     styles = {m: ("--", ":", "-.", (0, (5, 1)))[i % 4] for i, m in enumerate(baselines)}

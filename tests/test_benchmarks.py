@@ -78,6 +78,9 @@ def test_accuracy_reuse_keeps_earlier_runs_and_refuses_another_setting(tmp_path,
     assert both["cls"]["runs"][0] == first["runs"][0] and both["cls"]["summary"][0]["seeds"] == 2
     source = _json(tmp_path / "two_cls.json")["reused_from"]  # provenance of the reused run
     assert source["runs"] == 1 and source["path"].endswith("one_cls.json") and "git_commit" in source["meta"]
+    # the recipe log tables both files but plots the reused one's runs only once, through the later file
+    rows = recipes.main(["show", "--dir", str(tmp_path)])
+    assert {(r["file"], r["superseded"]) for r in rows} == {("one_cls", True), ("two_cls", False)}
     with pytest.raises(SystemExit, match="settings=.*differs"):
         accuracy.main([*argv[:-1], "--steps", "3", "--reuse", str(tmp_path / "one_cls.json")])
     with pytest.raises(SystemExit, match="no such file"):
