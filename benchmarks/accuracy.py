@@ -152,7 +152,11 @@ RECIPES: dict[str, Recipe] = {
 
 @dataclass
 class PartSettings:
-    """Data/training sizes of one part; the CLI overrides the per-part defaults below."""
+    """Data/training sizes of one part; the CLI overrides the per-part defaults below.
+
+    ``baseline_scheduler`` is the lr schedule of LoRA, IA3 and the head-only baseline (the gates take
+    theirs from the recipe), so a schedule that helps the gates can be given to the baselines too.
+    """
 
     train_size: int
     test_size: int
@@ -163,6 +167,7 @@ class PartSettings:
     max_length: int
     lora_lr: float
     ia3_lr: float
+    baseline_scheduler: str = "constant"
 
 
 CLS_DEFAULTS = PartSettings(
@@ -229,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha")
     methods.add_argument("--lora-lr", type=float, help="LoRA lr (default 5e-4 / 2e-4)")
     methods.add_argument("--ia3-lr", type=float, help="IA3 lr (default 3e-3)")
+    methods.add_argument(
+        "--baseline-scheduler", help="lr schedule of LoRA / IA3 / head-only (default constant)"
+    )
     methods.add_argument("--lm-lora-targets", default="all-linear", help="LoRA target_modules for the LM")
     methods.add_argument(
         "--prompt-style",
@@ -597,7 +605,7 @@ def run_cls_one(
             per_device_train_batch_size=settings.batch_size,
             num_train_epochs=settings.epochs,
             max_steps=settings.steps if settings.steps > 0 else -1,
-            lr_scheduler_type=recipe.scheduler if gated else "constant",
+            lr_scheduler_type=recipe.scheduler if gated else settings.baseline_scheduler,
             logging_steps=max(1, steps // 25),
             save_strategy="no",
             report_to="none",
@@ -667,6 +675,8 @@ def summary_keys(multiple_of: int) -> tuple[str, ...]:
 
 
 #: Payload fields that must match for runs of an earlier JSON to count as runs of this one.
+#: Settings added after results files were first written, with the value every earlier run used.
+SETTING_DEFAULTS = {"baseline_scheduler": "constant"}
 REUSE_KEYS = ("part", "model", "data", "n_train", "n_test", "recipe", "lora", "multiple_of", "prompt_style")
 
 
@@ -686,6 +696,8 @@ def reusable_runs(path: Path | None, setting: dict[str, Any]) -> tuple[dict[tupl
     for key in (*REUSE_KEYS, "settings"):
         mine, theirs = setting.get(key), old.get(key)
         if key == "settings" and isinstance(theirs, dict):
+            # a file written before a setting existed ran with that setting's default
+            theirs = {**SETTING_DEFAULTS, **theirs}
             mine, theirs = {**mine, **ignore_seeds}, {**theirs, **ignore_seeds}
         if mine != theirs:
             raise SystemExit(
@@ -966,7 +978,7 @@ def run_lm_one(
             num_train_epochs=settings.epochs,
             max_steps=settings.steps if settings.steps > 0 else -1,
             learning_rate=lr,
-            lr_scheduler_type=recipe.scheduler if gated else "constant",
+            lr_scheduler_type=recipe.scheduler if gated else settings.baseline_scheduler,
             max_length=settings.max_length,
             logging_steps=max(1, steps // 25),
             save_strategy="no",

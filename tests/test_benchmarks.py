@@ -87,6 +87,25 @@ def test_accuracy_reuse_keeps_earlier_runs_and_refuses_another_setting(tmp_path,
         accuracy.main([*argv, "--reuse", str(tmp_path / "missing.json")])
 
 
+def test_baseline_scheduler_reaches_lora_and_older_files_stay_reusable(tmp_path):
+    argv = ["--part", "cls", *TINY, *SMALL, "--steps", "4", "--methods", "lora-qv", "--no-plots"]
+    argv += ["--out-dir", str(tmp_path)]
+    cosine = accuracy.main([*argv, "--baseline-scheduler", "cosine", "--name", "cos"])["cls"]
+    lrs = [h["learning_rate"] for h in cosine["runs"][0]["history"]]
+    assert cosine["settings"]["baseline_scheduler"] == "cosine"
+    assert len(lrs) == 4 and lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]  # LoRA's lr decays
+    accuracy.main([*argv, "--name", "const"])
+    # a file written before the setting existed holds no baseline_scheduler: it ran with the constant default
+    path = tmp_path / "const_cls.json"
+    data = _json(path)
+    del data["settings"]["baseline_scheduler"]
+    path.write_text(json.dumps(data))
+    again = accuracy.main([*argv, "--name", "again", "--reuse", str(path)])["cls"]
+    assert again["runs"] == data["runs"] and again["settings"]["baseline_scheduler"] == "constant"
+    with pytest.raises(SystemExit, match="settings=.*differs"):
+        accuracy.main([*argv, "--baseline-scheduler", "cosine", "--name", "x", "--reuse", str(path)])
+
+
 def test_accuracy_lm_tiny(tmp_path):
     methods = "zero-shot,lora,lora-qv,ia3,gates-units"
     argv = ["--part", "lm", *TINY, *SMALL, "--batch-size", "4", "--lm-methods", methods]
