@@ -175,13 +175,16 @@ def show(args: argparse.Namespace) -> list[dict[str, Any]]:
     # A file whose runs a later file reused is a part of that file: tabled, but not plotted twice.
     superseded = set().union(*(reused_names(data) for data in files.values()))
     for path, data in files.items():
+        # files written before --baseline-scheduler existed trained their baselines at a constant lr
+        schedule = data["settings"].get("baseline_scheduler", "constant")
+        baseline = "-" if schedule == "constant" else f"scheduler={schedule}"
         for row in data["summary"]:
             gated = row["method"].startswith("gates-")
             rows.append({
                 **row,
                 "file": path.stem,
                 "setting": f"{data['n_train']}x{data['settings']['epochs']}ep/{data['n_test']}",
-                "recipe": recipe_diff(data["recipe"], base) if gated else "-",
+                "recipe": recipe_diff(data["recipe"], base) if gated else baseline,
                 "acc": accuracy.pm(row, "accuracy"),
                 "acc_pruned": accuracy.pm(row, "accuracy_pruned") if gated else None,
                 "blk": accuracy.pm(row, "removed_block") if gated else None,
@@ -223,7 +226,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
         color = colors[row["setting"]]
         if row["method"] in styles:
             mean, std = 100 * row["accuracy"], 100 * (row.get("accuracy_std") or 0)
-            label = f"{row['method']}, {row['setting']}, {row['seeds']} seed(s) (0% removed)"
+            method = row["method"] if row["recipe"] == "-" else f"{row['method']} ({row['recipe']})"
+            label = f"{method}, {row['setting']}, {row['seeds']} seed(s) (0% removed)"
             ax.axhline(mean, color=color, ls=styles[row["method"]], label=label)
             if std:
                 ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)

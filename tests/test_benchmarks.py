@@ -104,6 +104,9 @@ def test_baseline_scheduler_reaches_lora_and_older_files_stay_reusable(tmp_path)
     assert again["runs"] == data["runs"] and again["settings"]["baseline_scheduler"] == "constant"
     with pytest.raises(SystemExit, match="settings=.*differs"):
         accuracy.main([*argv, "--baseline-scheduler", "cosine", "--name", "x", "--reuse", str(path)])
+    # the recipe log tells a scheduled baseline from a constant one, older files included
+    rows = {r["file"]: r["recipe"] for r in recipes.main(["show", "--dir", str(tmp_path), "--plot"])}
+    assert rows == {"cos_cls": "scheduler=cosine", "const_cls": "-", "again_cls": "-"}
 
 
 def test_accuracy_lm_tiny(tmp_path):
