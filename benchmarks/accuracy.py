@@ -674,9 +674,9 @@ def summary_keys(multiple_of: int) -> tuple[str, ...]:
     )
 
 
-#: Payload fields that must match for runs of an earlier JSON to count as runs of this one.
 #: Settings added after results files were first written, with the value every earlier run used.
-SETTING_DEFAULTS = {"baseline_scheduler": "constant"}
+SETTING_DEFAULTS = {"baseline_scheduler": PartSettings.baseline_scheduler}
+#: Payload fields that must match for runs of an earlier JSON to count as runs of this one.
 REUSE_KEYS = ("part", "model", "data", "n_train", "n_test", "recipe", "lora", "multiple_of", "prompt_style")
 
 
