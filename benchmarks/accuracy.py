@@ -676,6 +676,13 @@ def summary_keys(multiple_of: int) -> tuple[str, ...]:
 
 #: Settings added after results files were first written, with the value every earlier run used.
 SETTING_DEFAULTS = {"baseline_scheduler": PartSettings.baseline_scheduler}
+
+
+def settings_of(data: dict[str, Any]) -> dict[str, Any]:
+    """A results JSON's settings, with the default of every setting added since the file was written."""
+    return {**SETTING_DEFAULTS, **data["settings"]}
+
+
 #: Payload fields that must match for runs of an earlier JSON to count as runs of this one.
 REUSE_KEYS = ("part", "model", "data", "n_train", "n_test", "recipe", "lora", "multiple_of", "prompt_style")
 
@@ -696,9 +703,7 @@ def reusable_runs(path: Path | None, setting: dict[str, Any]) -> tuple[dict[tupl
     for key in (*REUSE_KEYS, "settings"):
         mine, theirs = setting.get(key), old.get(key)
         if key == "settings" and isinstance(theirs, dict):
-            # a file written before a setting existed ran with that setting's default
-            theirs = {**SETTING_DEFAULTS, **theirs}
-            mine, theirs = {**mine, **ignore_seeds}, {**theirs, **ignore_seeds}
+            mine, theirs = {**mine, **ignore_seeds}, {**settings_of(old), **ignore_seeds}
         if mine != theirs:
             raise SystemExit(
                 f"error: --reuse {path}: its {key}={theirs!r} differs from this run's {mine!r}; rerun with "

@@ -175,9 +175,8 @@ def show(args: argparse.Namespace) -> list[dict[str, Any]]:
     # A file whose runs a later file reused is a part of that file: tabled, but not plotted twice.
     superseded = set().union(*(reused_names(data) for data in files.values()))
     for path, data in files.items():
-        # files written before --baseline-scheduler existed trained their baselines at a constant lr
-        schedule = data["settings"].get("baseline_scheduler", "constant")
-        baseline = "-" if schedule == "constant" else f"scheduler={schedule}"
+        schedule = accuracy.settings_of(data)["baseline_scheduler"]
+        baseline = "-" if schedule == accuracy.PartSettings.baseline_scheduler else f"scheduler={schedule}"
         for row in data["summary"]:
             gated = row["method"].startswith("gates-")
             rows.append({
