@@ -197,6 +197,16 @@ LM_DEFAULTS = PartSettings(
 # --------------------------------------------------------------------------------------------- arguments
 
 
+def lr_schedule(value: str) -> str:
+    """An argparse type: a transformers lr schedule name, refused at parse time rather than after loading."""
+    from transformers import SchedulerType
+
+    names = [kind.value for kind in SchedulerType]
+    if value not in names:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an lr schedule; use one of {', '.join(names)}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.accuracy",
@@ -235,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--lora-lr", type=float, help="LoRA lr (default 5e-4 / 2e-4)")
     methods.add_argument("--ia3-lr", type=float, help="IA3 lr (default 3e-3)")
     methods.add_argument(
-        "--baseline-scheduler", help="lr schedule of LoRA / IA3 / head-only (default constant)"
+        "--baseline-scheduler",
+        type=lr_schedule,
+        help="lr schedule of LoRA / IA3 / head-only (default constant)",
     )
     methods.add_argument("--lm-lora-targets", default="all-linear", help="LoRA target_modules for the LM")
     methods.add_argument(
@@ -260,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("noise_std", float, "std of the training noise on every gate"),
         ("sigma", float, "scale of the open probability in the regularizer"),
         ("bias", str, "biases trained with the gates: none, peft_gates_only, all"),
-        ("scheduler", str, "lr schedule: constant, linear, cosine, ..."),
+        ("scheduler", lr_schedule, "lr schedule: constant, linear, cosine, ..."),
         ("extra_trainable", str, "module suffixes trained in full with the gates, e.g. LayerNorm"),
         ("scale_gates", str, "units only: scale gates outside the sparsity term (none/rows/columns/both)"),
     ):

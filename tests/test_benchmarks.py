@@ -109,6 +109,13 @@ def test_baseline_scheduler_reaches_lora_and_older_files_stay_reusable(tmp_path)
     assert rows == {"cos_cls": "scheduler=cosine", "const_cls": "-", "again_cls": "-"}
 
 
+@pytest.mark.parametrize("flag", ["--baseline-scheduler", "--scheduler"])
+def test_unknown_lr_schedule_is_refused_before_any_work(flag, capsys):
+    with pytest.raises(SystemExit):
+        accuracy.build_parser().parse_args([flag, "cosin"])
+    assert "'cosin' is not an lr schedule; use one of" in capsys.readouterr().err
+
+
 def test_accuracy_lm_tiny(tmp_path):
     methods = "zero-shot,lora,lora-qv,ia3,gates-units"
     argv = ["--part", "lm", *TINY, *SMALL, "--batch-size", "4", "--lm-methods", methods]
