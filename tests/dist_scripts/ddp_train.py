@@ -106,6 +106,7 @@ def main() -> None:
             break
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out_json).write_text(json.dumps(results))
+    g.shutdown_distributed()
 
 
 if __name__ == "__main__":

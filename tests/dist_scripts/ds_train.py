@@ -83,6 +83,7 @@ def main() -> None:
         result = {"error": traceback.format_exc()[-3000:]}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out_json).write_text(json.dumps(result))
+    g.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -179,6 +179,15 @@ def setup_deepspeed_on_cpu() -> None:
     PartialState(backend="gloo")
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group before exit, so no gloo or DeepSpeed thread is still running at interpreter
+    teardown (that aborted a rank once in CI: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":  # pragma: no cover - manual smoke run
     print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gate_setups")["curves"], indent=1))
 
