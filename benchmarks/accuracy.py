@@ -78,6 +78,9 @@ class Recipe:
             pruned model at no inference cost.
         scale_gates: ``GateConfig.scale_gates`` for the unit placement (``none``, ``rows``, ``columns``,
             ``both``): per-channel scale gates on every block Linear, outside the sparsity term.
+        gate_lora_rank, gate_lora_alpha, gate_lora_lr: ``GateConfig.lora_rank`` / ``lora_alpha`` (a
+            low-rank update inside the gates of every gated Linear; 0 = gates only, the paper's method)
+            and the update's own Adam lr.
     """
 
     gate_lr: float = 1e-3
@@ -93,6 +96,9 @@ class Recipe:
     scheduler: str = "constant"
     extra_trainable: str = ""
     scale_gates: str = "none"
+    gate_lora_rank: int = 0
+    gate_lora_alpha: float = 16.0
+    gate_lora_lr: float | None = None
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
@@ -275,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("scheduler", lr_schedule, "lr schedule: constant, linear, cosine, ..."),
         ("extra_trainable", str, "module suffixes trained in full with the gates, e.g. LayerNorm"),
         ("scale_gates", str, "units only: scale gates outside the sparsity term (none/rows/columns/both)"),
+        ("gate_lora_rank", int, "rank of a low-rank update inside the gates (0: gates only)"),
+        ("gate_lora_alpha", float, "alpha of that update (scale alpha / rank)"),
+        ("gate_lora_lr", float, "Adam lr of that update"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -313,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def recipe_text(recipe: Recipe) -> str:
     """``gate_lr=0.01, lambda=10, ...``: a recipe in one line (help text, tables)."""
-    return ", ".join(f"{k}={v}" for k, v in asdict(recipe).items() if v not in (None, ""))
+    fields = asdict(recipe)
+    if not recipe.gate_lora_rank:
+        fields = {k: v for k, v in fields.items() if not k.startswith("gate_lora_")}
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, ""))
 
 
 def part_settings(args: argparse.Namespace, defaults: PartSettings) -> PartSettings:
@@ -325,7 +337,13 @@ def part_settings(args: argparse.Namespace, defaults: PartSettings) -> PartSetti
 def resolve_recipe(args: argparse.Namespace, name: str) -> Recipe:
     """The named recipe with every explicitly given recipe flag applied on top."""
     given = {k: getattr(args, k) for k in asdict(Recipe()) if getattr(args, k, None) is not None}
-    return replace(RECIPES[name], **given)
+    recipe = replace(RECIPES[name], **given)
+    if recipe.gate_lora_rank and recipe.gate_lora_lr is None:
+        raise SystemExit(
+            f"error: --gate-lora-rank {recipe.gate_lora_rank} needs --gate-lora-lr (the update's own lr, "
+            "e.g. 2e-4; the gates' lr would wreck it)"
+        )
+    return recipe
 
 
 def total_steps(n_train: int, settings: PartSettings) -> int:
@@ -357,6 +375,8 @@ def gate_config(
         sparsity_warmup_steps=round(recipe.warmup * steps),
         bias=recipe.bias,
         scale_gates=recipe.scale_gates if placement == "units" else "none",
+        lora_rank=recipe.gate_lora_rank,
+        lora_alpha=recipe.gate_lora_alpha,
         **kwargs,
     )
 
@@ -468,19 +488,15 @@ def pm(row: dict[str, Any], key: str, pct: bool = True) -> str | None:
     return f"{mean:,.0f}"
 
 
-def build_optimizer(model: torch.nn.Module, gate_lr: float, other_lr: float) -> torch.optim.Optimizer:
-    """AdamW with the gates in their own group: their own lr and NO weight decay.
+def build_optimizer(
+    model: torch.nn.Module, gate_lr: float, other_lr: float, recipe: Recipe | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over :func:`peft_gates.training.optimizer_groups`: gates at ``gate_lr`` without weight decay,
+    the recipe's low-rank update (if any) at its own lr, every other trainable at ``other_lr``."""
+    from peft_gates.training import optimizer_groups
 
-    Weight decay on a raw gate theta pulls it to 0, i.e. every gate towards a half-open 0.5 scale.
-    """
-    gate_params, other = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (gate_params if "peft_gates_" in name else other).append(param)
-    groups = [{"params": gate_params, "lr": gate_lr, "weight_decay": 0.0}] if gate_params else []
-    if other:
-        groups.append({"params": other, "lr": other_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
+    lora_lr = recipe.gate_lora_lr if recipe is not None and recipe.gate_lora_rank else None
+    return torch.optim.AdamW(optimizer_groups(model, gate_lr, lora_lr, other_lr=other_lr))
 
 
 class _EpochEval:
@@ -635,7 +651,7 @@ def run_cls_one(
             data_collator=DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
             callbacks=callbacks,
-            optimizers=(build_optimizer(model, lr, other_lr), None),
+            optimizers=(build_optimizer(model, lr, other_lr, recipe), None),
         )
         if gated:
             attach(trainer)
@@ -716,6 +732,8 @@ def reusable_runs(path: Path | None, setting: dict[str, Any]) -> tuple[dict[tupl
         mine, theirs = setting.get(key), old.get(key)
         if key == "settings" and isinstance(theirs, dict):
             mine, theirs = {**mine, **ignore_seeds}, {**settings_of(old), **ignore_seeds}
+        if key == "recipe" and isinstance(theirs, dict):  # recipe fields added since: their defaults
+            theirs = {**asdict(Recipe()), **theirs}
         if mine != theirs:
             raise SystemExit(
                 f"error: --reuse {path}: its {key}={theirs!r} differs from this run's {mine!r}; rerun with "
@@ -1013,9 +1031,9 @@ def run_lm_one(
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+        trainer.optimizer = build_optimizer(trainer.model, lr, recipe.head_lr or lr, recipe)
         if gated:
             attach(trainer)
-        trainer.optimizer = build_optimizer(trainer.model, lr, recipe.head_lr or lr)
         start = time.perf_counter()
         trainer.train()
         run["train_time_s"] = time.perf_counter() - start

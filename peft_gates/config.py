@@ -66,6 +66,15 @@ class GateConfig(PeftConfig):
         sparsity_start_step: optimizer steps before the sparsity term starts (the paper's delay).
         sparsity_warmup_steps: steps over which lambda then ramps linearly from 0 to its value.
         bias: ``"none"``, ``"all"`` or ``"peft_gates_only"`` (biases of gated layers), as in LoRA.
+        lora_rank: rank ``r`` of a trainable low-rank update inside the gates of every gated Linear:
+            ``y = ((x * z_c) (W + alpha / r * B A)^T + b) * z_r`` (``B`` starts at zero, so the model
+            still starts as the base model). 0 (default) is the paper's method, gates only. The update
+            sits between the gates, so a closed gate removes its slice of ``B A`` too and the pruning
+            merge folds ``W + alpha / r * B A`` into the kept weights: the pruned model has no extra
+            weights. It adds LoRA's trainable parameters (``r * (in + out)`` per Linear), for when gates
+            alone fit the task less well than LoRA; train ``A`` and ``B`` at a LoRA-sized lr
+            (:func:`peft_gates.training.optimizer_groups`), not the gates' much larger one.
+        lora_alpha: ``alpha`` of that update (scale ``alpha / r``, as in LoRA).
     """
 
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to gate."})
@@ -83,6 +92,10 @@ class GateConfig(PeftConfig):
     sparsity_start_step: int = field(default=0, metadata={"help": "Steps before the term starts."})
     sparsity_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up of lambda."})
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'peft_gates_only'."})
+    lora_rank: int = field(
+        default=0, metadata={"help": "Rank of a low-rank update inside the gates (0: none)."}
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "alpha of that update (scale alpha / rank)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +133,10 @@ class GateConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise bad(name, value, "it must be a non-negative integer")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise bad("lora_rank", self.lora_rank, "it must be a non-negative integer (0: gates only)")
+        if not self.lora_alpha > 0:
+            raise bad("lora_alpha", self.lora_alpha, "it must be > 0")
         if self.bias not in ("none", "all", "peft_gates_only"):
             raise bad("bias", self.bias, "use 'none', 'all' or 'peft_gates_only'")
         sizes = (
@@ -134,6 +151,11 @@ class GateConfig(PeftConfig):
     def keep(self) -> float:
         """Target fraction of open gates: ``1 - target_sparsity``."""
         return 1.0 - self.target_sparsity
+
+    @property
+    def lora_scaling(self) -> float:
+        """Scale of the low-rank update: ``lora_alpha / lora_rank`` (0 without one)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     def is_unit_module(self, module_name: str) -> bool:
         """Whether ``module_name`` carries unit gates (``"units"`` placement: a key of column_group_size)."""

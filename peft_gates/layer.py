@@ -3,10 +3,15 @@
 ``y = ((x * z_c) W^T + b) * z_r``: column gates ``z_c`` scale the inputs, row gates ``z_r`` scale the
 outputs (and so the bias). Gates are fp32 parameters; their values are cast to the activation dtype.
 One wrapper serves every base layer type because it only calls the base layer, never its weight.
+
+With ``GateConfig.lora_rank > 0`` a low-rank update sits between the gates,
+``y = ((x * z_c) (W + s B A)^T + b) * z_r``, computed beside the base layer (``s B A`` never touches the
+frozen, possibly quantized, weight until the merge folds it in).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,13 +34,23 @@ def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot gate {type(base_layer).__name__}: only Linear-like layers have rows and columns")
 
 
-def _fold_weight(base_layer: nn.Module, z_row: torch.Tensor | None, z_col: torch.Tensor | None) -> None:
-    """Multiply the eval gates into a float base layer's weight and bias, in place."""
+def _fold_weight(
+    base_layer: nn.Module,
+    z_row: torch.Tensor | None,
+    z_col: torch.Tensor | None,
+    delta: torch.Tensor | None = None,
+) -> None:
+    """``W <- Diag(z_row) (W + delta) Diag(z_col)`` (and ``b <- z_row * b``) on a float base layer, in place.
+
+    ``delta`` is (out, in), whatever the base layer's storage orientation.
+    """
     weight = base_layer.weight.data
     w = weight.float()
     if isinstance(base_layer, Conv1D):  # weight is (in, out)
+        w = w if delta is None else w + delta.t().to(w.device)
         w = w * (z_col[:, None] if z_col is not None else 1) * (z_row[None, :] if z_row is not None else 1)
     else:
+        w = w if delta is None else w + delta.to(w.device)
         w = w * (z_row[:, None] if z_row is not None else 1) * (z_col[None, :] if z_col is not None else 1)
     weight.copy_(w.to(weight.dtype))
     if base_layer.bias is not None and z_row is not None:
@@ -44,14 +59,18 @@ def _fold_weight(base_layer: nn.Module, z_row: torch.Tensor | None, z_col: torch
 
 
 class GateLayer(BaseTunerLayer):
-    """Per-adapter row and column gate vectors on one Linear-like base layer."""
+    """Per-adapter row and column gate vectors (and optional low-rank update) on one Linear-like layer."""
 
-    adapter_layer_names = ("peft_gates_row", "peft_gates_col")
+    adapter_layer_names = ("peft_gates_row", "peft_gates_col", "peft_gates_lora_A", "peft_gates_lora_B")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.peft_gates_row = nn.ParameterDict({})
         self.peft_gates_col = nn.ParameterDict({})
+        # low-rank update (GateConfig.lora_rank): A is (r, in), B is (out, r) and starts at zero
+        self.peft_gates_lora_A = nn.ParameterDict({})
+        self.peft_gates_lora_B = nn.ParameterDict({})
+        self.lora_scaling: dict[str, float] = {}
         self.column_group: dict[str, int] = {}
         # sides ("rows"/"columns") of each adapter under the sparsity term; the others are scale gates
         self.regularized: dict[str, tuple[str, ...]] = {}
@@ -88,12 +107,25 @@ class GateLayer(BaseTunerLayer):
             self.peft_gates_col[adapter_name] = nn.Parameter(
                 gates.init_theta(self.in_features // group_size, config.init_mean, config.init_std)
             )
+        if config.lora_rank:
+            lora_a = torch.empty(config.lora_rank, self.in_features, dtype=torch.float32)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # LoRA's init; B = 0 keeps the base model
+            self.peft_gates_lora_A[adapter_name] = nn.Parameter(lora_a)
+            self.peft_gates_lora_B[adapter_name] = nn.Parameter(
+                torch.zeros(self.out_features, config.lora_rank, dtype=torch.float32)
+            )
+            self.lora_scaling[adapter_name] = config.lora_scaling
         self.column_group[adapter_name] = group_size
         self.regularized[adapter_name] = tuple(side for side in regularized if side in sides)
         self.gate_settings[adapter_name] = config
         device = next((p.device for p in self.get_base_layer().parameters() if p.device.type != "meta"), None)
         if device is not None:
-            for store in (self.peft_gates_row, self.peft_gates_col):
+            for store in (
+                self.peft_gates_row,
+                self.peft_gates_col,
+                self.peft_gates_lora_A,
+                self.peft_gates_lora_B,
+            ):
                 if adapter_name in store:
                     store[adapter_name] = nn.Parameter(store[adapter_name].data.to(device))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -116,6 +148,22 @@ class GateLayer(BaseTunerLayer):
             z_col = gates.eval_value(vectors["columns"].detach().float())
             z_col = z_col.repeat_interleave(self.column_group[adapter_name])
         return z_row, z_col
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor | None:
+        """The low-rank update ``s B A`` of ``adapter_name`` as an (out, in) fp32 tensor; None without one."""
+        if adapter_name not in self.peft_gates_lora_A:
+            return None
+        lora_a = self.peft_gates_lora_A[adapter_name].detach().float()
+        lora_b = self.peft_gates_lora_B[adapter_name].detach().float()
+        return (lora_b @ lora_a.to(lora_b.device)) * self.lora_scaling[adapter_name]
+
+    def _low_rank(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``s (x A^T) B^T``: the update's share of the output, without forming ``B A``."""
+        lora_a, lora_b = self.peft_gates_lora_A[adapter_name], self.peft_gates_lora_B[adapter_name]
+        return (
+            nn.functional.linear(nn.functional.linear(x.to(lora_a.dtype), lora_a), lora_b)
+            * self.lora_scaling[adapter_name]
+        )
 
     def _gate_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Gate values by side for this forward: noisy, with the sparsity gradient attached, when
@@ -147,14 +195,26 @@ class GateLayer(BaseTunerLayer):
                 f"cannot fold gates in place into {type(base).__name__}; use merge_and_unload(), which "
                 "dequantizes into a new pruned dense model"
             )
-        for name in adapter_names or self.active_adapters:
-            if name in self.merged_adapters or not self.gate_vectors(name):
-                continue
-            z_row, z_col = self.eval_gates(name)
-            if safe_merge and any(z is not None and not torch.isfinite(z).all() for z in (z_row, z_col)):
-                raise ValueError(f"non-finite gate values in adapter {name!r}")
-            _fold_weight(base, z_row, z_col)
-            self.merged_adapters.append(name)
+        names = [
+            name
+            for name in adapter_names or self.active_adapters
+            if name not in self.merged_adapters and self.gate_vectors(name)
+        ]
+        if not names:
+            return
+        # The adapters merged together fold as the forward applies them when all are active: gates
+        # multiply, updates add, all inside one Diag(z_row) (W + sum of updates) Diag(z_col).
+        z_row = z_col = delta = None
+        for name in names:
+            rows, cols = self.eval_gates(name)
+            update = self.delta_weight(name)
+            z_row = rows if z_row is None else (z_row if rows is None else z_row * rows)
+            z_col = cols if z_col is None else (z_col if cols is None else z_col * cols)
+            delta = update if delta is None else (delta if update is None else delta + update)
+        if safe_merge and any(t is not None and not torch.isfinite(t).all() for t in (z_row, z_col, delta)):
+            raise ValueError(f"non-finite gate or update values in adapters {names}")
+        _fold_weight(base, z_row, z_col, delta)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         raise NotImplementedError(
@@ -195,6 +255,9 @@ class Linear(nn.Module, GateLayer):
         if z_col is not None:
             x = x * z_col.to(x.dtype)
         out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.peft_gates_lora_A:
+                out = out + self._low_rank(x, name).to(out.dtype)
         return out if z_row is None else out * z_row.to(out.dtype)
 
     def __repr__(self) -> str:

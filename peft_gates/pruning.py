@@ -250,17 +250,19 @@ def rebuild_linear(
     z_row: torch.Tensor | None = None,
     z_col: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    delta: torch.Tensor | None = None,
 ) -> nn.Module:
-    """A fresh ``nn.Linear`` / ``Conv1D`` holding ``Diag(z_row) W Diag(z_col)`` restricted to rows/columns.
+    """A fresh ``nn.Linear`` / ``Conv1D`` holding ``Diag(z_row) (W + delta) Diag(z_col)`` restricted to
+    rows/columns.
 
-    Gates fold in fp32 and the result is cast back to the layer's dtype; a row gate scales the bias
-    too (``y = ((x * z_c) W^T + b) * z_r``). Quantized layers come back dense in ``dtype`` (default:
-    their compute dtype); float layers keep theirs.
+    Gates (and the (out, in) low-rank update ``delta``) fold in fp32 and the result is cast back to the
+    layer's dtype; a row gate scales the bias too (``y = ((x * z_c) W^T + b) * z_r``). Quantized layers
+    come back dense in ``dtype`` (default: their compute dtype); float layers keep theirs.
     Works on meta tensors (model construction inside ``from_pretrained``).
     """
     weight, bias = _dense_weight(module, dtype)
-    if z_row is not None or z_col is not None:
-        folded = weight.float()
+    if z_row is not None or z_col is not None or delta is not None:
+        folded = weight.float() if delta is None else weight.float() + delta.to(weight.device)
         if z_row is not None:
             folded = folded * z_row.to(folded.device)[:, None]
         if z_col is not None:
@@ -466,12 +468,14 @@ class _Gates:
 
     A gate is closed iff its eval value is exactly 0, i.e. openness <= 0; openness ranks closed
     units when alignment or ``min_units`` re-keeps some. Columns are expanded to ``in_features``.
+    ``delta`` is the sum of the adapters' low-rank updates (``GateConfig.lora_rank``), (out, in) fp32.
     """
 
     z_row: torch.Tensor | None = None
     z_col: torch.Tensor | None = None
     open_row: torch.Tensor | None = None
     open_col: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
 
 
 def _combine(a: torch.Tensor | None, b: torch.Tensor, op) -> torch.Tensor:
@@ -502,6 +506,13 @@ def _read_gates(layer: GateLayer, adapters: Iterable[str], skip_merged: bool = F
             key = "row" if side == "rows" else "col"
             setattr(out, f"z_{key}", _combine(getattr(out, f"z_{key}"), value, torch.mul))
             setattr(out, f"open_{key}", _combine(getattr(out, f"open_{key}"), openness, torch.minimum))
+        delta = layer.delta_weight(name)
+        if delta is not None:
+            if not torch.isfinite(delta).all():
+                raise ValueError(
+                    f"adapter {name!r} has a non-finite low-rank update on a layer; it cannot be folded"
+                )
+            out.delta = _combine(out.delta, delta.cpu(), torch.add)
     return out
 
 
@@ -800,8 +811,9 @@ def prune_and_unload(
     """Fold the eval gates into the weights, cut closed units out, and return the plain transformers model.
 
     The result's fp32 logits equal the gated model's eval logits. Every gated Linear (in blocks or
-    not) gets a fresh dense copy with its gates folded in; PEFT's unload then removes the wrappers
-    (modules_to_save copies, e.g. a trained classifier, replace the originals); finally each block
+    not) gets a fresh dense copy with its gates (and low-rank update, if any) folded in; PEFT's unload
+    then removes the wrappers (modules_to_save copies, e.g. a trained classifier, replace the
+    originals); finally each block
     is cut to the plan of :func:`plan_pruning` and its per-layer attention attributes updated. The
     per-layer widths are recorded in ``model.config.pruned_layers`` (a registered per-family config
     subclass, so ``save_pretrained`` output reloads through the Auto classes after
@@ -822,9 +834,9 @@ def prune_and_unload(
     gated = [m for m in tuner.model.modules() if isinstance(m, GateLayer)]
     for layer in tqdm(gated, disable=not progressbar, desc="Folding gates"):
         g = _read_gates(layer, plan.adapter_names, skip_merged=True)
-        if g.z_row is not None or g.z_col is not None:
+        if g.z_row is not None or g.z_col is not None or g.delta is not None:
             layer.base_layer = rebuild_linear(
-                layer.get_base_layer(), z_row=g.z_row, z_col=g.z_col, dtype=dtype
+                layer.get_base_layer(), z_row=g.z_row, z_col=g.z_col, dtype=dtype, delta=g.delta
             )
     was_quantized = any(is_quantized_linear(m) for m in tuner.model.modules() if not isinstance(m, GateLayer))
     model = tuner.unload()

@@ -92,6 +92,52 @@ def _gate_parameters(gate_model: GateModel, adapter_name: str) -> list[nn.Parame
     ]
 
 
+# --------------------------------------------------------------------------------------------- optimizer
+
+#: Name fragment of the low-rank update's parameters (``GateConfig.lora_rank``); gates are the other
+#: ``GateModel.prefix`` parameters.
+LORA_PARAMETER_TAG = "peft_gates_lora_"
+
+
+def optimizer_groups(
+    model: nn.Module,
+    lr: float,
+    lora_lr: float | None = None,
+    weight_decay: float = 0.0,
+    other_lr: float | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for a gated model: gates, the low-rank update, everything else.
+
+    Gates train at ``lr`` and never with weight decay (decay pulls a raw gate theta to 0, i.e. every
+    gate towards a half-open 0.5 scale). The low-rank update of ``GateConfig.lora_rank`` trains at
+    ``lora_lr``: Adam moves every parameter by about its lr per step, and the gates' lr (1e-2 and up,
+    so that gates can travel far enough to close) would wreck a LoRA-style update, which wants ~1e-4.
+    Other trainables (a classifier head, biases, ``modules_to_save``) take ``other_lr`` (default
+    ``lr``) and ``weight_decay``. Empty groups are left out.
+    """
+    gates, updates, other = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if LORA_PARAMETER_TAG in name:
+            updates.append(param)
+        elif GateModel.prefix in name:
+            gates.append(param)
+        else:
+            other.append(param)
+    if updates and lora_lr is None:
+        raise ValueError(
+            f"the model has a low-rank update ({len(updates)} tensors, GateConfig.lora_rank > 0) but "
+            "lora_lr=None; give it a LoRA-sized lr (e.g. lora_lr=2e-4), not the gates' one"
+        )
+    groups = [
+        {"params": gates, "lr": lr, "weight_decay": 0.0},
+        {"params": updates, "lr": lora_lr, "weight_decay": weight_decay},
+        {"params": other, "lr": lr if other_lr is None else other_lr, "weight_decay": weight_decay},
+    ]
+    return [group for group in groups if group["params"]]
+
+
 # --------------------------------------------------------------------------------------------- metrics
 
 
@@ -423,12 +469,38 @@ class GateTrainerCallback(TrainerCallback):
                 last.update(metrics)
 
 
+def _group_the_optimizer(trainer: Trainer, lora_lr: float) -> None:
+    """Make ``trainer.create_optimizer`` build its optimizer over :func:`optimizer_groups`.
+
+    Overriding ``create_optimizer`` (on this trainer instance), not presetting ``trainer.optimizer``, is
+    what also works under DeepSpeed: ``deepspeed_init`` drops a preset optimizer and calls
+    ``create_optimizer``. The optimizer class and its other settings still come from ``args.optim``.
+    """
+    args = trainer.args
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
+    if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(kwargs):
+        optim = getattr(args.optim, "value", args.optim)
+        raise ValueError(
+            f"TrainingArguments(optim={optim!r}) builds its own parameter groups, so the low-rank "
+            "update cannot get its own lr; use an AdamW/SGD-style optim (e.g. 'adamw_torch')"
+        )
+
+    def create_optimizer(model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if trainer.optimizer is None:
+            groups = optimizer_groups(model or trainer.model, args.learning_rate, lora_lr, args.weight_decay)
+            trainer.optimizer = optimizer_cls(groups, **kwargs)
+        return trainer.optimizer
+
+    trainer.create_optimizer = create_optimizer
+
+
 def attach(
     trainer: Trainer,
     adapter_name: str | None = None,
     *,
     log_metrics: bool = True,
     removable_multiple_of: int | None = 1,
+    lora_lr: float | None = None,
 ) -> GateTrainerCallback:
     """Make a ``Trainer``/``SFTTrainer`` apply the sparsity objective; the one line after building it.
 
@@ -438,6 +510,12 @@ def attach(
     previous callback. ``log_metrics=False`` skips the metrics (they cost a gather under ZeRO-3 on
     logging steps); ``removable_multiple_of`` is passed to :func:`gate_metrics`.
 
+    An adapter with a low-rank update (``GateConfig.lora_rank > 0``) needs its own lr: pass
+    ``lora_lr`` and, unless the trainer already has an optimizer, the trainer builds its ``args.optim``
+    optimizer over :func:`optimizer_groups` (gates at ``args.learning_rate``, the update at ``lora_lr``;
+    the Trainer's schedule then scales both). Under DeepSpeed this needs a config without an
+    ``"optimizer"`` section (ours have none), or DeepSpeed builds its own single-lr optimizer.
+
     Example:
         >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds, peft_config=GateConfig(...))
         >>> peft_gates.training.attach(trainer)
@@ -446,6 +524,20 @@ def attach(
     for message in check_trainer(trainer, adapter_name):
         warnings.warn(message, stacklevel=2)
     gate_model = gate_model_of(trainer.model)
+    rank = gate_model.peft_config[_adapter(gate_model, adapter_name)].lora_rank
+    if lora_lr is not None and not rank:
+        raise ValueError(
+            f"attach(lora_lr={lora_lr}) but the adapter has no low-rank update (GateConfig.lora_rank=0); "
+            "drop lora_lr, or set GateConfig.lora_rank > 0"
+        )
+    if rank and trainer.optimizer is None:
+        if lora_lr is None:
+            raise ValueError(
+                f"the adapter has a low-rank update (GateConfig.lora_rank={rank}), which must not train at "
+                f"the gates' lr (learning_rate={trainer.args.learning_rate}); pass attach(trainer, "
+                "lora_lr=2e-4) or give the trainer an optimizer over peft_gates.training.optimizer_groups()"
+            )
+        _group_the_optimizer(trainer, lora_lr)
     recast = _recast_gates_fp32(gate_model, _adapter(gate_model, adapter_name))
     if recast:
         logger.info("peft_gates: cast %d gate vectors back to fp32 (the trainer had cast them)", recast)
@@ -467,5 +559,6 @@ __all__ = [
     "find_gate_model",
     "gate_metrics",
     "gate_model_of",
+    "optimizer_groups",
     "set_sparsity_step",
 ]

@@ -90,19 +90,24 @@ _REFS: dict[str, dict] = {}
 
 
 def reference(tmp_path_factory, name: str = "plain", **gates_kw) -> dict:
-    """Single-process reference (transformers.Trainer, batch 4, GA 1, no checkpointing)."""
+    """Single-process reference (transformers.Trainer, batch 4, GA 1, no checkpointing).
+
+    With a low-rank update (``lora_rank`` in ``gates_kw``) it trains like ``ds_train.py``'s ``lora`` flag:
+    the grouped optimizer that ``attach`` sets up, at the lrs of ``g.LOW_RANK_LRS``.
+    """
     from transformers import Trainer
 
     from peft_gates.training import attach
 
     if name not in _REFS:
         out = str(tmp_path_factory.mktemp(f"ref_{name}"))
+        low_rank = bool(gates_kw.get("lora_rank"))
         trainer = Trainer(
             model=g.gated_model(**gates_kw),
-            args=g.training_args(out),
+            args=g.training_args(out, **(dict(learning_rate=g.LOW_RANK_LRS[0]) if low_rank else {})),
             train_dataset=g.RowsDataset(g.token_rows()),
         )
-        attach(trainer)
+        attach(trainer, lora_lr=g.LOW_RANK_LRS[1] if low_rank else None)
         trainer.train()
         _REFS[name] = {"curves": g.curves(trainer), "gates": g.gate_vectors(trainer.model)}
     return _REFS[name]
@@ -163,6 +168,19 @@ def test_zero3_partitioned_gates_reentrant(tmp_path_factory, tmp_path):
     assert (result.get("zero_stage"), result.get("world_size")) == (3, 2), result.get("error")
     assert result["zero_init_base"] and result["partitioned_gate_vectors"] == len(result["gates"])
     compare("zero3_gc_reentrant", reference(tmp_path_factory), result)
+
+
+def test_zero3_low_rank_update(tmp_path_factory, tmp_path):
+    """ZeRO-3 x2 with the low-rank update inside the gates (``lora_rank``): its A and B are partitioned
+    like the gates, train at their own lr in the grouped optimizer that ``attach`` has the trainer build
+    (DeepSpeed drops a preset one), and end where one process ends."""
+    g.tiny_llama().save_pretrained(tmp_path / "base")
+    result = torchrun("ds_train.py", tmp_path / "z3l.json", "3", "lora", f"pretrained={tmp_path / 'base'}")
+    assert (result.get("zero_stage"), result.get("world_size")) == (3, 2), result.get("error")
+    assert result["partitioned_gate_vectors"] == len(result["gates"])  # gates and A, B
+    updates = [name for name in result["gates"] if "peft_gates_lora_B" in name]
+    assert updates and all(any(v != 0 for v in result["gates"][name]) for name in updates)  # B trained
+    compare("zero3_low_rank", reference(tmp_path_factory, "low_rank", lora_rank=4), result)
 
 
 def test_sft_script_zero3_bf16(tmp_path):

@@ -148,10 +148,12 @@ def set_gates(peft_model: nn.Module, placement: str, seed: int = 0) -> list[tupl
 
 
 def gated_model(
-    model_type: str, placement: str, task: str = "lm", scale_gates: str = "none"
+    model_type: str, placement: str, task: str = "lm", scale_gates: str = "none", lora_rank: int = 0
 ) -> tuple[nn.Module, list]:
     kwargs = {"task_type": "SEQ_CLS"} if task == "seq_cls" else {}
-    config = peft_gates.GateConfig(placement=placement, scale_gates=scale_gates, **kwargs)
+    config = peft_gates.GateConfig(
+        placement=placement, scale_gates=scale_gates, lora_rank=lora_rank, **kwargs
+    )
     peft_model = get_peft_model(tiny_model(model_type, task), config)
     expected = set_gates(peft_model, placement)
     return peft_model.eval(), expected

@@ -451,7 +451,7 @@ def test_gate_arguments_mirror_gate_config():
     config = peft_gates.GateConfig()
     mirrored = set()
     for f in fields(args):
-        if f.name in args.MERGE_ONLY:
+        if f.name in args.NOT_CONFIG:
             continue
         name = args.RENAMED.get(f.name, f.name)
         mirrored.add(name)

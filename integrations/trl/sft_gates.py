@@ -50,9 +50,10 @@ _DATA_FILE_BUILDERS = {
 class GateArguments:
     """Command-line mirror of :class:`peft_gates.GateConfig` (same names and defaults), plus the merge.
 
-    ``gate_target_modules`` / ``gate_exclude_modules`` / ``gate_modules_to_save`` / ``gate_bias`` are
-    prefixed so they do not clash with ModelConfig's LoRA options; ``column_group_size`` takes an
-    integer or a JSON mapping (``'{"o_proj": 64}'``).
+    ``gate_target_modules`` / ``gate_exclude_modules`` / ``gate_modules_to_save`` / ``gate_bias`` /
+    ``gate_lora_rank`` / ``gate_lora_alpha`` are prefixed so they do not clash with ModelConfig's LoRA
+    options; ``column_group_size`` takes an integer or a JSON mapping (``'{"o_proj": 64}'``).
+    ``gate_lora_lr`` is the low-rank update's own lr (the gates train at ``--learning_rate``).
     """
 
     gate_target_modules: list[str] | None = field(
@@ -78,6 +79,16 @@ class GateArguments:
     sparsity_start_step: int = field(default=0, metadata={"help": "Optimizer steps before the term starts."})
     sparsity_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up of lambda (steps)."})
     gate_bias: str = field(default="none", metadata={"help": "none | all | peft_gates_only."})
+    gate_lora_rank: int = field(
+        default=0,
+        metadata={"help": "Rank of a low-rank update inside the gates (0: gates only, the paper's)."},
+    )
+    gate_lora_alpha: float = field(
+        default=16.0, metadata={"help": "alpha of that update (scale alpha / rank)."}
+    )
+    gate_lora_lr: float | None = field(
+        default=None, metadata={"help": "lr of that update (needed with --gate_lora_rank > 0), e.g. 2e-4."}
+    )
     prune: bool = field(
         default=True, metadata={"help": "After training, fold the gates and prune the model."}
     )
@@ -93,14 +104,17 @@ class GateArguments:
         "gate_exclude_modules": "exclude_modules",
         "gate_modules_to_save": "modules_to_save",
         "gate_bias": "bias",
+        "gate_lora_rank": "lora_rank",
+        "gate_lora_alpha": "lora_alpha",
     }
-    MERGE_ONLY = ("prune", "pruned_output_dir", "prune_multiple_of")
+    #: fields that are not GateConfig fields: the optimizer's and the merge's
+    NOT_CONFIG = ("gate_lora_lr", "prune", "pruned_output_dir", "prune_multiple_of")
 
     def to_config(self) -> peft_gates.GateConfig:
         """The GateConfig these arguments describe."""
         kwargs: dict[str, Any] = {}
         for f in fields(self):
-            if f.name in self.MERGE_ONLY:
+            if f.name in self.NOT_CONFIG:
                 continue
             kwargs[self.RENAMED.get(f.name, f.name)] = getattr(self, f.name)
         size = kwargs["column_group_size"].strip()
@@ -241,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.model.train()
         else:
             prepare_quantized_for_gates(trainer.model)
-    attach(trainer)
+    attach(trainer, lora_lr=gate_args.gate_lora_lr)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: log_history with the gate metrics of every logging step

@@ -6,7 +6,8 @@ gates to OUT.json. One configuration per process: DeepSpeed keeps global state.
 
 Flags: ``gc`` / ``gc_reentrant`` (gradient checkpointing), ``ga2`` (per-device batch 1 x 2 accumulation
 steps), ``pretrained=DIR`` (load the base with from_pretrained after the training arguments exist, so
-ZeRO-3 partitions it at load time through zero.Init, as TRL scripts do), ``bf16``, ``fp16``.
+ZeRO-3 partitions it at load time through zero.Init, as TRL scripts do), ``bf16``, ``fp16``, ``lora``
+(a rank-4 update inside the gates, at its own lr: ``g.LOW_RANK_LRS``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
             gradient_checkpointing_kwargs={"use_reentrant": "gc_reentrant" in flags},
         )
     per_device, ga = (1, 2) if "ga2" in flags else (2, 1)
+    gates_kw = {"lora_rank": 4} if "lora" in flags else {}
+    if gates_kw:
+        extra["learning_rate"] = g.LOW_RANK_LRS[0]
     try:
         args = g.training_args(
             str(Path(out_json).parent / f"ds{stage}"),
@@ -58,12 +62,12 @@ def main() -> None:
             base = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
             zero_init = any(hasattr(p, "ds_id") for p in base.parameters())
             torch.manual_seed(100)  # the gate init draws of g.gated_model()
-            model = get_peft_model(base, g.gate_config())
+            model = get_peft_model(base, g.gate_config(**gates_kw))
         else:
             zero_init = False
-            model = g.gated_model()
+            model = g.gated_model(**gates_kw)
         trainer = Trainer(model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()))
-        attach(trainer)
+        attach(trainer, lora_lr=g.LOW_RANK_LRS[1] if gates_kw else None)
         trainer.train()
         engine = trainer.model_wrapped
         partitioned = sum(

@@ -63,6 +63,10 @@ class RowsDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+#: (gates' lr, update's lr) of the runs with a low-rank update (plain SGD, like every equivalence run)
+LOW_RANK_LRS = (50.0, 0.5)
+
+
 def gate_config(**overrides: Any):
     from peft_gates import GateConfig
 
