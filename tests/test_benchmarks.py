@@ -182,6 +182,22 @@ def test_recipe_flags_override_the_named_recipe():
     assert config.sparsity_start_step == 5 and config.target_sparsity == 0.3
 
 
+def test_gate_lora_flags_reach_the_config_and_the_optimizer():
+    from peft import get_peft_model
+    from tiny import tiny_model
+
+    args = accuracy.build_parser().parse_args(["--gate-lora-rank", "4", "--gate-lora-lr", "3e-4"])
+    recipe = accuracy.resolve_recipe(args, args.recipe)
+    config = accuracy.gate_config(recipe, steps=10, target=0.3, placement="units", task_type="SEQ_CLS")
+    assert (config.lora_rank, config.lora_alpha) == (4, 16.0)
+    model = get_peft_model(tiny_model("bert"), config)
+    optimizer = accuracy.build_optimizer(model, 1e-2, 1e-3, recipe)
+    assert sorted(group["lr"] for group in optimizer.param_groups) == [3e-4, 1e-3, 1e-2]  # + biases
+    missing_lr = accuracy.build_parser().parse_args(["--gate-lora-rank", "4"])
+    with pytest.raises(SystemExit, match="--gate-lora-rank 4 needs --gate-lora-lr"):
+        accuracy.resolve_recipe(missing_lr, missing_lr.recipe)
+
+
 # --------------------------------------------------------------------------------------------- train cost
 
 
