@@ -167,6 +167,34 @@ def test_prune_export_reloads_with_the_gated_logits(saved, tmp_path, capsys):
         torch.testing.assert_close(reloaded(saved["x"]).logits, saved["logits"], atol=1e-5, rtol=1e-5)
 
 
+def test_prune_folds_a_low_rank_update(saved, tmp_path, capsys):
+    """An adapter with ``lora_rank`` prunes from the command line like any other; its update is folded."""
+    model = get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(saved["base"]),
+        peft_gates.GateConfig(task_type="CAUSAL_LM", placement="units", scale_gates="both", lora_rank=2),
+    )
+    _close_some(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "peft_gates_lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        logits = model.eval()(saved["x"]).logits
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "pruned"
+    adapter = tmp_path / "adapter"
+    code, _, err = run(
+        capsys, "prune", "--base", saved["base"], "--adapter", adapter, "--out", out, "--multiple-of", 1
+    )
+    assert code == 0, err
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(
+        p.numel() for n, p in model.named_parameters() if "peft_gates_" not in n
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(saved["x"]).logits, logits, atol=1e-5, rtol=1e-5)
+
+
 def test_prune_zero_pad_layout_is_a_stock_checkpoint(saved, tmp_path, capsys):
     out = tmp_path / "stock"
     code, _, err = run(
