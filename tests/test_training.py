@@ -464,6 +464,8 @@ def test_gate_arguments_mirror_gate_config():
         column_group_size='{"o_proj": 8}', gate_target_modules=["all-linear"]
     ).to_config()
     assert built.column_group_size == {"o_proj": 8} and built.target_modules == "all-linear"
+    with pytest.raises(ValueError, match="--gate_lora_rank 2 needs --gate_lora_lr"):  # before any loading
+        script.main(g.sft_argv(Path("no-such-model"), Path("no-such-data"), Path("unused"), gate_lora_rank=2))
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(
             "--use_peft configures LoRA; this script trains gates (see the GateArguments options)"
         )
+    if gate_args.gate_lora_rank and gate_args.gate_lora_lr is None:
+        raise ValueError(
+            f"--gate_lora_rank {gate_args.gate_lora_rank} needs --gate_lora_lr, the update's own lr (e.g. "
+            f"2e-4); the gates train at --learning_rate ({training_args.learning_rate}), which would wreck it"
+        )
 
     # transformers turns find_unused_parameters on for a PeftModel; every gate is used in every step,
     # and with reentrant checkpointing DDP would fail, so default it off (attach() checks it).
