@@ -72,7 +72,8 @@ class GateConfig(PeftConfig):
             sits between the gates, so a closed gate removes its slice of ``B A`` too and the pruning
             merge folds ``W + alpha / r * B A`` into the kept weights: the pruned model has no extra
             weights. It adds LoRA's trainable parameters (``r * (in + out)`` per Linear), for when gates
-            alone fit the task less well than LoRA; train ``A`` and ``B`` at a LoRA-sized lr
+            alone fit the task less well than LoRA (measured: it helps short runs, not full budgets; see
+            docs/benchmarks.md); train ``A`` and ``B`` at a LoRA-sized lr
             (:func:`peft_gates.training.optimizer_groups`), not the gates' much larger one.
         lora_alpha: ``alpha`` of that update (scale ``alpha / r``, as in LoRA).
     """

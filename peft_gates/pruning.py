@@ -813,8 +813,8 @@ def prune_and_unload(
     The result's fp32 logits equal the gated model's eval logits. Every gated Linear (in blocks or
     not) gets a fresh dense copy with its gates (and low-rank update, if any) folded in; PEFT's unload
     then removes the wrappers (modules_to_save copies, e.g. a trained classifier, replace the
-    originals); finally each block
-    is cut to the plan of :func:`plan_pruning` and its per-layer attention attributes updated. The
+    originals); finally each block is cut to the plan of :func:`plan_pruning` and its per-layer
+    attention attributes updated. The
     per-layer widths are recorded in ``model.config.pruned_layers`` (a registered per-family config
     subclass, so ``save_pretrained`` output reloads through the Auto classes after
     ``import peft_gates``). Consumes ``peft_model``, like PEFT's ``merge_and_unload``.

@@ -530,6 +530,12 @@ def attach(
             f"attach(lora_lr={lora_lr}) but the adapter has no low-rank update (GateConfig.lora_rank=0); "
             "drop lora_lr, or set GateConfig.lora_rank > 0"
         )
+    if rank and trainer.optimizer is not None and lora_lr is not None:
+        warnings.warn(
+            f"attach(lora_lr={lora_lr}) is not used: the trainer already has an optimizer, whose groups stay "
+            "as they are; build it over peft_gates.training.optimizer_groups() to give the update its lr",
+            stacklevel=2,
+        )
     if rank and trainer.optimizer is None:
         if lora_lr is None:
             raise ValueError(

@@ -201,6 +201,21 @@ def test_attach_builds_the_grouped_optimizer_and_both_parts_train(tmp_path) -> N
     assert gate_change > 1e-3 * steps * 1.01
 
 
+def test_attach_leaves_a_given_optimizer_alone_and_says_so(tmp_path) -> None:
+    model = g.gated_model(lora_rank=RANK)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, 1e-2, 1e-4))
+    trainer = Trainer(
+        model=model,
+        args=g.training_args(str(tmp_path)),
+        train_dataset=g.RowsDataset(g.token_rows()),
+        optimizers=(optimizer, None),
+    )
+    attach(trainer)  # the update's lr is in the given optimizer's groups
+    assert trainer.create_optimizer() is optimizer
+    with pytest.warns(UserWarning, match="lora_lr=0.001.*not used"):
+        attach(trainer, lora_lr=1e-3)
+
+
 def test_attach_refuses_lora_lr_without_an_update(tmp_path) -> None:
     trainer = _trainer(g.gated_model(), tmp_path)
     with pytest.raises(ValueError, match="lora_rank=0"):
