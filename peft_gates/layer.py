@@ -34,6 +34,11 @@ def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot gate {type(base_layer).__name__}: only Linear-like layers have rows and columns")
 
 
+def combine(a: torch.Tensor | None, b: torch.Tensor | None, op) -> torch.Tensor | None:
+    """``op(a, b)``, or whichever of the two is not None: per-adapter gates and updates joined into one."""
+    return b if a is None else a if b is None else op(a, b)
+
+
 def _fold_weight(
     base_layer: nn.Module,
     z_row: torch.Tensor | None,
@@ -207,10 +212,8 @@ class GateLayer(BaseTunerLayer):
         z_row = z_col = delta = None
         for name in names:
             rows, cols = self.eval_gates(name)
-            update = self.delta_weight(name)
-            z_row = rows if z_row is None else (z_row if rows is None else z_row * rows)
-            z_col = cols if z_col is None else (z_col if cols is None else z_col * cols)
-            delta = update if delta is None else (delta if update is None else delta + update)
+            z_row, z_col = combine(z_row, rows, torch.mul), combine(z_col, cols, torch.mul)
+            delta = combine(delta, self.delta_weight(name), torch.add)
         if safe_merge and any(t is not None and not torch.isfinite(t).all() for t in (z_row, z_col, delta)):
             raise ValueError(f"non-finite gate or update values in adapters {names}")
         _fold_weight(base, z_row, z_col, delta)

@@ -33,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import gates
 from .architectures import ArchSpec, AttentionShape, arch_spec, attention_shape, find_blocks
-from .layer import GateLayer, in_out_features
+from .layer import GateLayer, combine, in_out_features
 from .quantization import dequantize_weight, is_quantized_linear, mark_dequantized
 
 #: Kept MLP widths are rounded up to a multiple of this. Measured on an H100 (shared/notes/method.md):
@@ -478,15 +478,14 @@ class _Gates:
     delta: torch.Tensor | None = None
 
 
-def _combine(a: torch.Tensor | None, b: torch.Tensor, op) -> torch.Tensor:
-    return b if a is None else op(a, b)
-
-
-def _read_gates(layer: GateLayer, adapters: Iterable[str], skip_merged: bool = False) -> _Gates:
+def _read_gates(
+    layer: GateLayer, adapters: Iterable[str], skip_merged: bool = False, with_delta: bool = False
+) -> _Gates:
     """Gate values of ``adapters`` on ``layer``; ``skip_merged`` leaves out adapters already folded in.
 
     Adapters already merged in place still count for the plan (their zeros are in the weights) but
-    must not be folded a second time.
+    must not be folded a second time. ``with_delta`` also sums the low-rank updates; only the fold
+    needs them (the plan runs on every logging step, where forming ``B A`` per layer is wasted work).
     """
     out = _Gates()
     for name in adapters:
@@ -504,15 +503,15 @@ def _read_gates(layer: GateLayer, adapters: Iterable[str], skip_merged: bool = F
                 )
             openness = torch.tanh(theta) + gates.OPEN_OFFSET
             key = "row" if side == "rows" else "col"
-            setattr(out, f"z_{key}", _combine(getattr(out, f"z_{key}"), value, torch.mul))
-            setattr(out, f"open_{key}", _combine(getattr(out, f"open_{key}"), openness, torch.minimum))
-        delta = layer.delta_weight(name)
+            setattr(out, f"z_{key}", combine(getattr(out, f"z_{key}"), value, torch.mul))
+            setattr(out, f"open_{key}", combine(getattr(out, f"open_{key}"), openness, torch.minimum))
+        delta = layer.delta_weight(name) if with_delta else None
         if delta is not None:
             if not torch.isfinite(delta).all():
                 raise ValueError(
                     f"adapter {name!r} has a non-finite low-rank update on a layer; it cannot be folded"
                 )
-            out.delta = _combine(out.delta, delta.cpu(), torch.add)
+            out.delta = combine(out.delta, delta.cpu(), torch.add)
     return out
 
 
@@ -833,7 +832,7 @@ def prune_and_unload(
     tuner = _tuner(peft_model)
     gated = [m for m in tuner.model.modules() if isinstance(m, GateLayer)]
     for layer in tqdm(gated, disable=not progressbar, desc="Folding gates"):
-        g = _read_gates(layer, plan.adapter_names, skip_merged=True)
+        g = _read_gates(layer, plan.adapter_names, skip_merged=True, with_delta=True)
         if g.z_row is not None or g.z_col is not None or g.delta is not None:
             layer.base_layer = rebuild_linear(
                 layer.get_base_layer(), z_row=g.z_row, z_col=g.z_col, dtype=dtype, delta=g.delta
