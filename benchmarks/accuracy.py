@@ -81,6 +81,7 @@ class Recipe:
         gate_lora_rank, gate_lora_alpha, gate_lora_lr: ``GateConfig.lora_rank`` / ``lora_alpha`` (a
             low-rank update inside the gates of every gated Linear; 0 = gates only, the paper's method)
             and the update's own Adam lr.
+        gate_scale_lr: Adam lr of the scale gates (``optimizer_groups(scale_lr=...)``); None = gate_lr.
     """
 
     gate_lr: float = 1e-3
@@ -99,6 +100,7 @@ class Recipe:
     gate_lora_rank: int = 0
     gate_lora_alpha: float = 16.0
     gate_lora_lr: float | None = None
+    gate_scale_lr: float | None = None
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gate_lora_rank", int, "rank of a low-rank update inside the gates (0: gates only)"),
         ("gate_lora_alpha", float, "alpha of that update (scale alpha / rank)"),
         ("gate_lora_lr", float, "Adam lr of that update"),
+        ("gate_scale_lr", float, "Adam lr of the scale gates (default: gate lr)"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -342,6 +345,11 @@ def resolve_recipe(args: argparse.Namespace, name: str) -> Recipe:
         raise SystemExit(
             f"error: --gate-lora-rank {recipe.gate_lora_rank} needs --gate-lora-lr (the update's own lr, "
             "e.g. 2e-4; the gates' lr would wreck it)"
+        )
+    if recipe.gate_scale_lr is not None and recipe.scale_gates == "none":
+        raise SystemExit(
+            f"error: --gate-scale-lr {recipe.gate_scale_lr} needs scale gates (--scale-gates rows, columns "
+            f"or both; the recipe has {recipe.scale_gates!r})"
         )
     return recipe
 
@@ -492,11 +500,16 @@ def build_optimizer(
     model: torch.nn.Module, gate_lr: float, other_lr: float, recipe: Recipe | None = None
 ) -> torch.optim.Optimizer:
     """AdamW over :func:`peft_gates.training.optimizer_groups`: gates at ``gate_lr`` without weight decay,
-    the recipe's low-rank update (if any) at its own lr, every other trainable at ``other_lr``."""
+    the recipe's low-rank update (if any) and scale gates at their own lrs (if given), every other
+    trainable at ``other_lr``."""
     from peft_gates.training import optimizer_groups
 
     lora_lr = recipe.gate_lora_lr if recipe is not None and recipe.gate_lora_rank else None
-    return torch.optim.AdamW(optimizer_groups(model, gate_lr, lora_lr, other_lr=other_lr))
+    # the scale-gate lr is a recipe setting; a method without scale gates (gates-both, LoRA) ignores it
+    configs = getattr(model, "peft_config", {}).values()
+    has_scales = any(getattr(config, "scale_gates", "none") != "none" for config in configs)
+    scale_lr = recipe.gate_scale_lr if recipe is not None and has_scales else None
+    return torch.optim.AdamW(optimizer_groups(model, gate_lr, lora_lr, other_lr=other_lr, scale_lr=scale_lr))
 
 
 class _EpochEval:

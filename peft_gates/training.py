@@ -105,6 +105,7 @@ def optimizer_groups(
     lora_lr: float | None = None,
     weight_decay: float = 0.0,
     other_lr: float | None = None,
+    scale_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups for a gated model: gates, the low-rank update, everything else.
 
@@ -112,15 +113,37 @@ def optimizer_groups(
     gate towards a half-open 0.5 scale). The low-rank update of ``GateConfig.lora_rank`` trains at
     ``lora_lr``: Adam moves every parameter by about its lr per step, and the gates' lr (1e-2 and up,
     so that gates can travel far enough to close) would wreck a LoRA-style update, which wants ~1e-4.
-    Other trainables (a classifier head, biases, ``modules_to_save``) take ``other_lr`` (default
-    ``lr``) and ``weight_decay``. Empty groups are left out.
+    ``scale_lr`` (default ``lr``) is the lr of the scale gates of ``GateConfig.scale_gates``, the
+    gates outside the sparsity term: with an update present they need not move at the lr that closes
+    units (measured on SmolLM2: scale gates drifting at 2e-2 cost 3.6 points that the update alone
+    does not lose; docs/benchmarks.md). Other trainables (a classifier head, biases,
+    ``modules_to_save``) take ``other_lr`` (default ``lr``) and ``weight_decay``. Empty groups are
+    left out.
     """
-    gates, updates, other = [], [], []
+    scale_ids = {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, GateLayer)
+        for adapter, regularized in module.regularized.items()
+        for side, param in module.gate_vectors(adapter).items()
+        if side not in regularized
+    }
+    if scale_lr is not None:
+        if scale_lr < 0:
+            raise ValueError(f"scale_lr={scale_lr} is invalid: it must be >= 0 (0 freezes the scale gates)")
+        if not scale_ids:
+            raise ValueError(
+                f"scale_lr={scale_lr} but the model has no scale gates (GateConfig.scale_gates='none'); "
+                "drop scale_lr, or use placement='units' with scale_gates='rows'/'columns'/'both'"
+            )
+    gates, scales, updates, other = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if LORA_PARAMETER_TAG in name:
             updates.append(param)
+        elif scale_lr is not None and id(param) in scale_ids:
+            scales.append(param)
         elif GateModel.prefix in name:
             gates.append(param)
         else:
@@ -132,6 +155,7 @@ def optimizer_groups(
         )
     groups = [
         {"params": gates, "lr": lr, "weight_decay": 0.0},
+        {"params": scales, "lr": scale_lr, "weight_decay": 0.0},
         {"params": updates, "lr": lora_lr, "weight_decay": weight_decay},
         {"params": other, "lr": lr if other_lr is None else other_lr, "weight_decay": weight_decay},
     ]
@@ -469,7 +493,7 @@ class GateTrainerCallback(TrainerCallback):
                 last.update(metrics)
 
 
-def _group_the_optimizer(trainer: Trainer, lora_lr: float) -> None:
+def _group_the_optimizer(trainer: Trainer, lora_lr: float | None, scale_lr: float | None) -> None:
     """Make ``trainer.create_optimizer`` build its optimizer over :func:`optimizer_groups`.
 
     Overriding ``create_optimizer`` (on this trainer instance), not presetting ``trainer.optimizer``, is
@@ -482,12 +506,15 @@ def _group_the_optimizer(trainer: Trainer, lora_lr: float) -> None:
         optim = getattr(args.optim, "value", args.optim)
         raise ValueError(
             f"TrainingArguments(optim={optim!r}) builds its own parameter groups, so the low-rank "
-            "update cannot get its own lr; use an AdamW/SGD-style optim (e.g. 'adamw_torch')"
+            "update and the scale gates cannot get their own lrs; use an AdamW/SGD-style optim (e.g. "
+            "'adamw_torch')"
         )
 
     def create_optimizer(model: nn.Module | None = None) -> torch.optim.Optimizer:
         if trainer.optimizer is None:
-            groups = optimizer_groups(model or trainer.model, args.learning_rate, lora_lr, args.weight_decay)
+            groups = optimizer_groups(
+                model or trainer.model, args.learning_rate, lora_lr, args.weight_decay, scale_lr=scale_lr
+            )
             trainer.optimizer = optimizer_cls(groups, **kwargs)
         return trainer.optimizer
 
@@ -501,6 +528,7 @@ def attach(
     log_metrics: bool = True,
     removable_multiple_of: int | None = 1,
     lora_lr: float | None = None,
+    scale_lr: float | None = None,
 ) -> GateTrainerCallback:
     """Make a ``Trainer``/``SFTTrainer`` apply the sparsity objective; the one line after building it.
 
@@ -513,8 +541,10 @@ def attach(
     An adapter with a low-rank update (``GateConfig.lora_rank > 0``) needs its own lr: pass
     ``lora_lr`` and, unless the trainer already has an optimizer, the trainer builds its ``args.optim``
     optimizer over :func:`optimizer_groups` (gates at ``args.learning_rate``, the update at ``lora_lr``;
-    the Trainer's schedule then scales both). Under DeepSpeed this needs a config without an
-    ``"optimizer"`` section (ours have none), or DeepSpeed builds its own single-lr optimizer.
+    the Trainer's schedule then scales both). ``scale_lr`` likewise gives the scale gates
+    (``GateConfig.scale_gates``) their own lr (see :func:`optimizer_groups`). Under DeepSpeed this
+    needs a config without an ``"optimizer"`` section (ours have none), or DeepSpeed builds its own
+    single-lr optimizer.
 
     Example:
         >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds, peft_config=GateConfig(...))
@@ -530,20 +560,24 @@ def attach(
             f"attach(lora_lr={lora_lr}) but the adapter has no low-rank update (GateConfig.lora_rank=0); "
             "drop lora_lr, or set GateConfig.lora_rank > 0"
         )
-    if rank and trainer.optimizer is not None and lora_lr is not None:
+    if trainer.optimizer is not None and (lora_lr is not None or scale_lr is not None):
+        lrs = (("lora_lr", lora_lr), ("scale_lr", scale_lr))
+        given = ", ".join(f"{name}={value}" for name, value in lrs if value is not None)
         warnings.warn(
-            f"attach(lora_lr={lora_lr}) is not used: the trainer already has an optimizer, whose groups stay "
-            "as they are; build it over peft_gates.training.optimizer_groups() to give the update its lr",
+            f"attach({given}) is not used: the trainer already has an optimizer, whose groups stay as they "
+            "are; build it over peft_gates.training.optimizer_groups() to give those parameters their lr",
             stacklevel=2,
         )
-    if rank and trainer.optimizer is None:
-        if lora_lr is None:
+    if trainer.optimizer is None and (rank or scale_lr is not None):
+        if rank and lora_lr is None:
             raise ValueError(
                 f"the adapter has a low-rank update (GateConfig.lora_rank={rank}), which must not train at "
                 f"the gates' lr (learning_rate={trainer.args.learning_rate}); pass attach(trainer, "
                 "lora_lr=2e-4) or give the trainer an optimizer over peft_gates.training.optimizer_groups()"
             )
-        _group_the_optimizer(trainer, lora_lr)
+        # refuses a scale_lr the model has no scale gates for before training starts, naming the fix
+        optimizer_groups(trainer.model, trainer.args.learning_rate, lora_lr, scale_lr=scale_lr)
+        _group_the_optimizer(trainer, lora_lr, scale_lr)
     recast = _recast_gates_fp32(gate_model, _adapter(gate_model, adapter_name))
     if recast:
         logger.info("peft_gates: cast %d gate vectors back to fp32 (the trainer had cast them)", recast)

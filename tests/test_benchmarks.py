@@ -198,6 +198,25 @@ def test_gate_lora_flags_reach_the_config_and_the_optimizer():
         accuracy.resolve_recipe(missing_lr, missing_lr.recipe)
 
 
+def test_gate_scale_lr_flag_reaches_the_optimizer_of_models_with_scale_gates():
+    from peft import get_peft_model
+    from tiny import tiny_model
+
+    flags = ["--scale-gates", "both", "--gate-scale-lr", "1e-4"]
+    args = accuracy.build_parser().parse_args(flags)
+    recipe = accuracy.resolve_recipe(args, args.recipe)
+    units = accuracy.gate_config(recipe, steps=10, target=0.3, placement="units", task_type="SEQ_CLS")
+    optimizer = accuracy.build_optimizer(get_peft_model(tiny_model("bert"), units), 1e-2, 1e-3, recipe)
+    assert sorted(group["lr"] for group in optimizer.param_groups) == [1e-4, 1e-3, 1e-2]  # + biases
+    # the paper's placement has no scale gates: the recipe's scale-gate lr does not apply to it
+    both = accuracy.gate_config(recipe, steps=10, target=0.3, placement="both", task_type="SEQ_CLS")
+    optimizer = accuracy.build_optimizer(get_peft_model(tiny_model("bert"), both), 1e-2, 1e-3, recipe)
+    assert sorted(group["lr"] for group in optimizer.param_groups) == [1e-3, 1e-2]
+    no_scales = accuracy.build_parser().parse_args(["--gate-scale-lr", "1e-4"])
+    with pytest.raises(SystemExit, match="--gate-scale-lr 0.0001 needs scale gates"):
+        accuracy.resolve_recipe(no_scales, no_scales.recipe)
+
+
 # --------------------------------------------------------------------------------------------- train cost
 
 

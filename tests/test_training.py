@@ -24,6 +24,7 @@ import gate_setups as g  # noqa: E402
 
 import peft_gates  # noqa: E402
 from peft_gates import gates  # noqa: E402
+from peft_gates.layer import GateLayer  # noqa: E402
 from peft_gates.training import (  # noqa: E402
     METRIC_KEYS,
     GateTrainerCallback,
@@ -31,6 +32,7 @@ from peft_gates.training import (  # noqa: E402
     check_trainer,
     current_loss_scale,
     gate_model_of,
+    optimizer_groups,
     set_sparsity_step,
 )
 
@@ -466,6 +468,10 @@ def test_gate_arguments_mirror_gate_config():
     assert built.column_group_size == {"o_proj": 8} and built.target_modules == "all-linear"
     with pytest.raises(ValueError, match="--gate_lora_rank 2 needs --gate_lora_lr"):  # before any loading
         script.main(g.sft_argv(Path("no-such-model"), Path("no-such-data"), Path("unused"), gate_lora_rank=2))
+    with pytest.raises(ValueError, match="--gate_scale_lr 0.0 needs scale gates"):  # before any loading
+        script.main(
+            g.sft_argv(Path("no-such-model"), Path("no-such-data"), Path("unused"), gate_scale_lr=0.0)
+        )
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -556,6 +562,65 @@ def test_ddp_check_runs_without_ddp(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_trainer(trainer) == []
+
+
+def _units_with_scale_gates():
+    return g.gated_model(placement="units", scale_gates="both", target_modules=None)
+
+
+def _gate_sides(model) -> tuple[set[str], set[str]]:
+    """Names of the unit gates (under the sparsity term) and of the scale gates, read off the layers."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    units, scales = set(), set()
+    for module in model.modules():
+        if isinstance(module, GateLayer):
+            for side, param in module.gate_vectors("default").items():
+                (units if side in module.regularized["default"] else scales).add(names[id(param)])
+    return units, scales
+
+
+def test_optimizer_groups_give_scale_gates_their_own_lr():
+    model = _units_with_scale_gates()
+    units, scales = _gate_sides(model)
+    assert units and scales
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = optimizer_groups(model, lr=2e-2, scale_lr=1e-4)
+    by_lr = {group["lr"]: {names[id(p)] for p in group["params"]} for group in groups}
+    assert by_lr == {2e-2: units, 1e-4: scales}
+    assert all(group["weight_decay"] == 0.0 for group in groups)
+    # by default the scale gates train with the unit gates, in one group
+    assert [len(group["params"]) for group in optimizer_groups(model, lr=2e-2)] == [len(units | scales)]
+    with pytest.raises(ValueError, match="scale_lr=-1.*>= 0"):
+        optimizer_groups(model, lr=2e-2, scale_lr=-1.0)
+    with pytest.raises(ValueError, match="scale_lr=0.001.*no scale gates.*scale_gates="):
+        optimizer_groups(g.gated_model(), lr=2e-2, scale_lr=1e-3)
+
+
+def test_attach_scale_lr_zero_trains_the_unit_gates_only(tmp_path):
+    from transformers import Trainer
+
+    model = _units_with_scale_gates()
+    units, scales = _gate_sides(model)
+    args = g.training_args(str(tmp_path), learning_rate=5e-2, optim="adamw_torch")
+    trainer = Trainer(model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()))
+    attach(trainer, scale_lr=0.0)
+    assert sorted(group["lr"] for group in trainer.create_optimizer().param_groups) == [0.0, 5e-2]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(model.named_parameters())
+    moved = {n for n, p in before.items() if not torch.equal(p, after[n].detach())}
+    assert moved & units and not moved & scales
+    # a trainer that already has an optimizer keeps it, and attach says the lr is not used
+    given = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()), optimizers=(given, None)
+    )
+    with pytest.warns(UserWarning, match="scale_lr=0.0.*not used"):
+        attach(trainer, scale_lr=0.0)
+    assert trainer.create_optimizer() is given
+    trainer = Trainer(model=g.gated_model(), args=args, train_dataset=g.RowsDataset(g.token_rows()))
+    with pytest.raises(ValueError, match="no scale gates"):
+        attach(trainer, scale_lr=0.0)
 
 
 def test_public_api():

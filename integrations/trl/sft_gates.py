@@ -53,7 +53,8 @@ class GateArguments:
     ``gate_target_modules`` / ``gate_exclude_modules`` / ``gate_modules_to_save`` / ``gate_bias`` /
     ``gate_lora_rank`` / ``gate_lora_alpha`` are prefixed so they do not clash with ModelConfig's LoRA
     options; ``column_group_size`` takes an integer or a JSON mapping (``'{"o_proj": 64}'``).
-    ``gate_lora_lr`` is the low-rank update's own lr (the gates train at ``--learning_rate``).
+    ``gate_lora_lr`` is the low-rank update's own lr (the gates train at ``--learning_rate``), and
+    ``gate_scale_lr`` the scale gates' own lr (default: ``--learning_rate``).
     """
 
     gate_target_modules: list[str] | None = field(
@@ -89,6 +90,10 @@ class GateArguments:
     gate_lora_lr: float | None = field(
         default=None, metadata={"help": "lr of that update (needed with --gate_lora_rank > 0), e.g. 2e-4."}
     )
+    gate_scale_lr: float | None = field(
+        default=None,
+        metadata={"help": "lr of the scale gates (default: --learning_rate); needs --scale_gates."},
+    )
     prune: bool = field(
         default=True, metadata={"help": "After training, fold the gates and prune the model."}
     )
@@ -108,7 +113,7 @@ class GateArguments:
         "gate_lora_alpha": "lora_alpha",
     }
     #: fields that are not GateConfig fields: the optimizer's and the merge's
-    NOT_CONFIG = ("gate_lora_lr", "prune", "pruned_output_dir", "prune_multiple_of")
+    NOT_CONFIG = ("gate_lora_lr", "gate_scale_lr", "prune", "pruned_output_dir", "prune_multiple_of")
 
     def to_config(self) -> peft_gates.GateConfig:
         """The GateConfig these arguments describe."""
@@ -229,6 +234,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"--gate_lora_rank {gate_args.gate_lora_rank} needs --gate_lora_lr, the update's own lr (e.g. "
             f"2e-4); the gates train at --learning_rate ({training_args.learning_rate}), which would wreck it"
         )
+    if gate_args.gate_scale_lr is not None and gate_args.scale_gates == "none":
+        raise ValueError(
+            f"--gate_scale_lr {gate_args.gate_scale_lr} needs scale gates: add --placement units "
+            "--scale_gates rows|columns|both, or drop --gate_scale_lr"
+        )
 
     # transformers turns find_unused_parameters on for a PeftModel; every gate is used in every step,
     # and with reentrant checkpointing DDP would fail, so default it off (attach() checks it).
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.model.train()
         else:
             prepare_quantized_for_gates(trainer.model)
-    attach(trainer, lora_lr=gate_args.gate_lora_lr)
+    attach(trainer, lora_lr=gate_args.gate_lora_lr, scale_lr=gate_args.gate_scale_lr)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: log_history with the gate metrics of every logging step
