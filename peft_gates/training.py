@@ -115,10 +115,10 @@ def optimizer_groups(
     so that gates can travel far enough to close) would wreck a LoRA-style update, which wants ~1e-4.
     ``scale_lr`` (default ``lr``) is the lr of the scale gates of ``GateConfig.scale_gates``, the
     gates outside the sparsity term: with an update present they need not move at the lr that closes
-    units (measured on SmolLM2 with an update: gates moving at 2e-2 cost 3.6 points that the same
-    update beside almost frozen gates does not lose; docs/benchmarks.md). Other trainables (a
-    classifier head, biases, ``modules_to_save``) take ``other_lr`` (default ``lr``) and
-    ``weight_decay``. Empty groups are left out.
+    units, and ``scale_lr=0`` keeps them at 1 as mere hosts of the update (measured on SmolLM2: no
+    accuracy gained by that; docs/benchmarks.md). Other trainables (a classifier head, biases,
+    ``modules_to_save``) take ``other_lr`` (default ``lr``) and ``weight_decay``. Empty groups are
+    left out.
     """
     scale_ids = {
         id(param)
