@@ -82,6 +82,8 @@ class Recipe:
             low-rank update inside the gates of every gated Linear; 0 = gates only, the paper's method)
             and the update's own Adam lr.
         gate_scale_lr: Adam lr of the scale gates (``optimizer_groups(scale_lr=...)``); None = gate_lr.
+        recovery: fraction of the steps, at the end, trained as the pruned model (noise and sparsity term
+            off: ``GateConfig.recovery_start_step``); 0 = none, the paper's method.
     """
 
     gate_lr: float = 1e-3
@@ -101,6 +103,7 @@ class Recipe:
     gate_lora_alpha: float = 16.0
     gate_lora_lr: float | None = None
     gate_scale_lr: float | None = None
+    recovery: float = 0.0
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
@@ -287,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gate_lora_alpha", float, "alpha of that update (scale alpha / rank)"),
         ("gate_lora_lr", float, "Adam lr of that update"),
         ("gate_scale_lr", float, "Adam lr of the scale gates (default: gate lr)"),
+        ("recovery", float, "fraction of the steps, at the end, trained as the pruned model (0: none)"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -351,7 +355,17 @@ def resolve_recipe(args: argparse.Namespace, name: str) -> Recipe:
             f"error: --gate-scale-lr {recipe.gate_scale_lr} needs scale gates (--scale-gates rows, columns "
             f"or both; the recipe has {recipe.scale_gates!r})"
         )
+    if not 0.0 <= recipe.recovery < 1.0 - recipe.delay:
+        raise SystemExit(
+            f"error: --recovery {recipe.recovery} must lie in [0, 1 - delay) = [0, {1.0 - recipe.delay:g}): "
+            "the recovery phase must leave the sparsity term some steps after its delay"
+        )
     return recipe
+
+
+def recovery_start(recipe: Recipe, steps: int) -> int:
+    """``GateConfig.recovery_start_step`` of a run of ``steps``: its last ``recovery`` share (0: none)."""
+    return steps - round(recipe.recovery * steps) if recipe.recovery > 0 else 0
 
 
 def total_steps(n_train: int, settings: PartSettings) -> int:
@@ -381,6 +395,7 @@ def gate_config(
         sigma=recipe.sigma,
         sparsity_start_step=round(recipe.delay * steps),
         sparsity_warmup_steps=round(recipe.warmup * steps),
+        recovery_start_step=recovery_start(recipe, steps),
         bias=recipe.bias,
         scale_gates=recipe.scale_gates if placement == "units" else "none",
         lora_rank=recipe.gate_lora_rank,
@@ -690,6 +705,7 @@ def run_cls_one(
         run["recipe"] = asdict(recipe)
         run["sparsity_start_step"] = round(recipe.delay * steps)
         run["sparsity_warmup_steps"] = round(recipe.warmup * steps)
+        run["recovery_start_step"] = recovery_start(recipe, steps)
         run.update(removal_stats(model, args.multiple_of))
         pruned = prune(model, args.multiple_of)
         run["accuracy_pruned"] = score(pruned)

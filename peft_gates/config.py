@@ -65,6 +65,13 @@ class GateConfig(PeftConfig):
         sigma: scale of the open probability ``Phi((mu + 0.5) / sigma)`` in the regularizer (0.5).
         sparsity_start_step: optimizer steps before the sparsity term starts (the paper's delay).
         sparsity_warmup_steps: steps over which lambda then ramps linearly from 0 to its value.
+        recovery_start_step: optimizer step from which the gates train *as the pruned model*: no
+            training noise and no sparsity term, so a closed gate is exactly 0 in training as at eval
+            and gets no more gradient (it stays closed, up to the momentum its optimizer still carries),
+            while the open gates, the update of ``lora_rank`` and any ``modules_to_save`` keep training on
+            exactly the model the merge will produce (a recovery phase, as after one-shot pruning).
+            0 (default): no recovery phase, the paper's method. Must come after ``sparsity_start_step``,
+            or nothing ever closes.
         bias: ``"none"``, ``"all"`` or ``"peft_gates_only"`` (biases of gated layers), as in LoRA.
         lora_rank: rank ``r`` of a trainable low-rank update inside the gates of every gated Linear:
             ``y = ((x * z_c) (W + alpha / r * B A)^T + b) * z_r`` (``B`` starts at zero, so the model
@@ -92,6 +99,9 @@ class GateConfig(PeftConfig):
     sigma: float = field(default=0.5, metadata={"help": "Scale of the open probability."})
     sparsity_start_step: int = field(default=0, metadata={"help": "Steps before the term starts."})
     sparsity_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up of lambda."})
+    recovery_start_step: int = field(
+        default=0, metadata={"help": "Step from which the gates train as the pruned model (0: never)."}
+    )
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'peft_gates_only'."})
     lora_rank: int = field(
         default=0, metadata={"help": "Rank of a low-rank update inside the gates (0: none)."}
@@ -130,10 +140,18 @@ class GateConfig(PeftConfig):
                 raise bad(name, getattr(self, name), "it must be >= 0")
         if self.sigma <= 0:
             raise bad("sigma", self.sigma, "it must be > 0")
-        for name in ("sparsity_start_step", "sparsity_warmup_steps"):
+        for name in ("sparsity_start_step", "sparsity_warmup_steps", "recovery_start_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise bad(name, value, "it must be a non-negative integer")
+        if 0 < self.recovery_start_step <= self.sparsity_start_step:
+            raise bad(
+                "recovery_start_step",
+                self.recovery_start_step,
+                f"the recovery phase would begin before the sparsity term starts (sparsity_start_step="
+                f"{self.sparsity_start_step}), so no gate would ever close; use a step after it, or 0 for "
+                "no recovery phase",
+            )
         if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
             raise bad("lora_rank", self.lora_rank, "it must be a non-negative integer (0: gates only)")
         if not self.lora_alpha > 0:
@@ -186,9 +204,13 @@ class GateConfig(PeftConfig):
         matches = _suffix_matches(module_name, self.column_group_size)
         return self.column_group_size[max(matches, key=len)] if matches else 1
 
+    def in_recovery(self, step: int) -> bool:
+        """Whether optimizer step ``step`` lies in the recovery phase (see ``recovery_start_step``)."""
+        return 0 < self.recovery_start_step <= step
+
     def lambda_at(self, step: int) -> float:
-        """lambda after the delayed start and the linear warm-up, at optimizer step ``step``."""
-        if step < self.sparsity_start_step:
+        """lambda after the delayed start and the warm-up, at optimizer step ``step`` (0 in recovery)."""
+        if step < self.sparsity_start_step or self.in_recovery(step):
             return 0.0
         if self.sparsity_warmup_steps == 0:
             return self.sparsity_weight

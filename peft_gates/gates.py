@@ -7,7 +7,9 @@ Every gate is one raw trainable scalar ``theta``; ``mu = tanh(theta)``.
 * eval value: ``z = clamp(mu + 0.5, 0, 1)``; a unit is removable iff its eval value is exactly 0
   (``mu <= -0.5``); values strictly between 0 and 1 are learned scales that fold into the weights;
 * open probability: ``p = Phi((mu + 0.5) / sigma)`` (the STG relaxation of the L0 norm);
-* sparsity term of one gate vector: ``|mean(p) - keep|`` with ``keep = 1 - target_sparsity``.
+* sparsity term of one gate vector: ``|mean(p) - keep|`` with ``keep = 1 - target_sparsity``;
+* recovery phase (``GateConfig.recovery_start_step``): training uses the eval value with no noise and no
+  sparsity term, so training sees exactly the model the merge produces.
 
 The sparsity term does not travel through the loss. :class:`GateSample` adds its gradient in the
 backward pass of the gate sample itself, which is the one place that works unchanged under DDP,
@@ -66,11 +68,13 @@ class SparsityCoefficient:
     accumulation steps and multiplies by an fp16 loss scale, so the term has the same strength as a
     term added to the (scaled, averaged) loss would. ``num_terms`` is the number of gated layers the
     sparsity loss averages over; each side of a layer with both row and column gates counts half.
+    ``recovering`` is set in the recovery phase, where the layers draw no noise.
     """
 
     weight: float
     grad_scale: float = 1.0
     num_terms: int = 1
+    recovering: bool = False
 
     def per_vector(self, sides: int) -> float:
         return self.weight * self.grad_scale / max(self.num_terms, 1) / sides

@@ -172,18 +172,23 @@ class GateLayer(BaseTunerLayer):
 
     def _gate_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Gate values by side for this forward: noisy, with the sparsity gradient attached, when
-        training; the deterministic eval values (still differentiable) otherwise."""
+        training (noise-free in the recovery phase, where lambda is 0 too); the deterministic eval values
+        (still differentiable) otherwise."""
         vectors = self.gate_vectors(adapter_name)
         if not self.training:
             return {side: gates.eval_value(theta) for side, theta in vectors.items()}
         cfg = self.gate_settings[adapter_name]
         regularized = self.regularized[adapter_name]
-        coef = 0.0
-        if regularized and adapter_name in self.sparsity:
-            coef = self.sparsity[adapter_name].per_vector(len(regularized))
+        coef, noise_std = 0.0, cfg.noise_std
+        if adapter_name in self.sparsity:
+            shared = self.sparsity[adapter_name]
+            if shared.recovering:  # train as the pruned model: closed gates exactly 0, no gradient
+                noise_std = 0.0
+            if regularized:
+                coef = shared.per_vector(len(regularized))
         return {
             side: gates.sample_with_sparsity_grad(
-                theta, cfg.noise_std, cfg.keep, cfg.sigma, coef if side in regularized else 0.0
+                theta, noise_std, cfg.keep, cfg.sigma, coef if side in regularized else 0.0
             )
             for side, theta in vectors.items()
         }

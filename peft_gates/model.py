@@ -164,7 +164,7 @@ class GateModel(BaseTuner):
     def set_sparsity_step(
         self, step: int, gradient_accumulation_steps: int = 1, loss_scale: float = 1.0
     ) -> None:
-        """Set lambda for optimizer step ``step`` (delay and warm-up of the config) and the gradient scale.
+        """Set lambda for optimizer step ``step`` (delay, warm-up, recovery phase) and the gradient scale.
 
         Call once per optimizer step in a hand-written loop; :func:`peft_gates.attach` does it for
         ``Trainer``/``SFTTrainer``. ``gradient_accumulation_steps`` divides the injected gradient like
@@ -174,4 +174,5 @@ class GateModel(BaseTuner):
             raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
         for name, coef in self.sparsity_coefficients.items():
             coef.weight = self.peft_config[name].lambda_at(step)
+            coef.recovering = self.peft_config[name].in_recovery(step)
             coef.grad_scale = loss_scale / gradient_accumulation_steps

@@ -217,6 +217,17 @@ def test_gate_scale_lr_flag_reaches_the_optimizer_of_models_with_scale_gates():
         accuracy.resolve_recipe(no_scales, no_scales.recipe)
 
 
+def test_recovery_flag_becomes_the_last_share_of_the_steps():
+    args = accuracy.build_parser().parse_args(["--recovery", "0.25", "--delay", "0.2"])
+    recipe = accuracy.resolve_recipe(args, args.recipe)
+    config = accuracy.gate_config(recipe, steps=800, target=0.3, placement="units", task_type="SEQ_CLS")
+    assert (config.sparsity_start_step, config.recovery_start_step) == (160, 600)
+    assert accuracy.gate_config(accuracy.Recipe(), 800, 0.3, "units", "SEQ_CLS").recovery_start_step == 0
+    too_long = accuracy.build_parser().parse_args(["--recovery", "0.8", "--delay", "0.2"])
+    with pytest.raises(SystemExit, match=r"--recovery 0.8 must lie in \[0, 1 - delay\) = \[0, 0.8\)"):
+        accuracy.resolve_recipe(too_long, too_long.recipe)
+
+
 # --------------------------------------------------------------------------------------------- train cost
 
 

@@ -184,6 +184,76 @@ def test_sparsity_term_is_applied_and_logged(tmp_path_factory):
     assert flat(on["gates"]).mean() < flat(off["gates"]).mean() - 0.1
 
 
+# --------------------------------------------------------------------------------------------- recovery phase
+
+
+def test_recovery_phase_trains_exactly_the_model_the_merge_makes():
+    """From recovery_start_step: no noise, lambda 0, closed gates exactly 0 with no gradient; training
+    forward == eval forward == the pruned model's forward."""
+    import copy
+
+    model = g.gated_model(noise_std=0.3, init_std=1.0, recovery_start_step=2).train()
+    batch = {k: v[None] for k, v in g.RowsDataset(g.token_rows())[0].items()}
+    tuner = gate_model_of(model)
+    coef = tuner.sparsity_coefficients["default"]
+    set_sparsity_step(model, 1)
+    assert coef.weight == 5.0 and not coef.recovering
+    noisy = model(**batch).logits
+    assert not torch.equal(noisy, model(**batch).logits)  # before it: a fresh noise draw per forward
+
+    assert set_sparsity_step(model, 2) == 0.0 and coef.recovering
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    with torch.no_grad():
+        evaluated = model.eval()(**batch).logits
+        pruned = copy.deepcopy(model).merge_and_unload()(batch["input_ids"]).logits
+    torch.testing.assert_close(out.logits, evaluated, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, pruned, rtol=1e-4, atol=1e-5)
+    closed = open_ = 0
+    for layer in tuner.gated_layers().values():
+        for theta in layer.gate_vectors("default").values():
+            shut = gates.eval_value(theta.detach()) == 0
+            assert torch.all(theta.grad[shut] == 0)  # no task gradient and no sparsity gradient
+            closed, open_ = closed + int(shut.sum()), open_ + int((theta.grad[~shut] != 0).sum())
+    assert closed > 0 and open_ > 0  # the check covers both kinds of gates
+
+
+def test_recovery_phase_keeps_the_closed_set_through_trainer(tmp_path):
+    """Through Trainer + attach: the gates closed when the phase begins end the run bit-identical (plain
+    SGD carries no momentum), the sparsity term stops, and the gates still open keep training."""
+    from transformers import Trainer, TrainerCallback
+
+    snapshot: dict[str, torch.Tensor] = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 4:
+                params = model.named_parameters()
+                snapshot.update({n: p.detach().clone() for n, p in params if "peft_gates_" in n})
+
+    model = g.gated_model(noise_std=0.1, recovery_start_step=4)
+    trainer = Trainer(
+        model=model,
+        args=g.training_args(str(tmp_path), max_steps=8),
+        train_dataset=g.RowsDataset(g.token_rows()),
+        callbacks=[Snapshot()],
+    )
+    attach(trainer)
+    trainer.train()
+    curves = g.curves(trainer)
+    assert curves["sparsity_lambda"] == [5.0] * 4 + [0.0] * 4
+    closed = moved = 0
+    for name, before in snapshot.items():
+        after = dict(model.named_parameters())[name].detach()
+        shut = gates.eval_value(before) == 0
+        assert torch.equal(after[shut], before[shut]), name
+        closed, moved = closed + int(shut.sum()), moved + int((after[~shut] != before[~shut]).sum())
+    assert closed > 0 and moved > 0
+    # none reopened (an open gate may still close under the task gradient alone)
+    assert curves["sparsity_realized"][-1] >= curves["sparsity_realized"][3] > 0
+
+
 def test_metrics_reach_reporters_before_they_log(tmp_path):
     from transformers import Trainer, TrainerCallback
 

@@ -193,12 +193,19 @@ def test_config_rejects_bad_values():
         "placement": "diagonal",
         "column_group_size": 0,
         "sparsity_start_step": -3,
+        "recovery_start_step": -1,
         "bias": "lora_only",
         "scale_gates": "diagonal",
     }
     for field, value in cases.items():
         with pytest.raises(ValueError, match=f"GateConfig.{field}"):
             GateConfig(**{field: value})
+
+
+def test_recovery_must_start_after_the_sparsity_term():
+    with pytest.raises(ValueError, match="recovery_start_step=5 .*sparsity_start_step=5.*0 for no"):
+        GateConfig(sparsity_start_step=5, recovery_start_step=5)
+    assert GateConfig(sparsity_start_step=5, recovery_start_step=6).lambda_at(6) == 0.0
 
 
 def test_scale_gates_need_the_units_placement():

@@ -79,6 +79,10 @@ class GateArguments:
     sigma: float = field(default=0.5, metadata={"help": "Scale of the open probability."})
     sparsity_start_step: int = field(default=0, metadata={"help": "Optimizer steps before the term starts."})
     sparsity_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up of lambda (steps)."})
+    recovery_start_step: int = field(
+        default=0,
+        metadata={"help": "Step from which the gates train as the pruned model (0: never)."},
+    )
     gate_bias: str = field(default="none", metadata={"help": "none | all | peft_gates_only."})
     gate_lora_rank: int = field(
         default=0,
