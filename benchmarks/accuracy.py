@@ -703,9 +703,9 @@ def run_cls_one(
     }
     if gated:
         run["recipe"] = asdict(recipe)
-        run["sparsity_start_step"] = round(recipe.delay * steps)
-        run["sparsity_warmup_steps"] = round(recipe.warmup * steps)
-        run["recovery_start_step"] = recovery_start(recipe, steps)
+        schedule = model.peft_config["default"]  # the step counts gate_config derived from the recipe
+        for key in ("sparsity_start_step", "sparsity_warmup_steps", "recovery_start_step"):
+            run[key] = getattr(schedule, key)
         run.update(removal_stats(model, args.multiple_of))
         pruned = prune(model, args.multiple_of)
         run["accuracy_pruned"] = score(pruned)
