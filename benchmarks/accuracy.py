@@ -84,6 +84,8 @@ class Recipe:
         gate_scale_lr: Adam lr of the scale gates (``optimizer_groups(scale_lr=...)``); None = gate_lr.
         recovery: fraction of the steps, at the end, trained as the pruned model (noise and sparsity term
             off: ``GateConfig.recovery_start_step``); 0 = none, the paper's method.
+        sparsity_scope: ``GateConfig.sparsity_scope``: ``layer`` (a target per layer, the paper's) or
+            ``global`` (one parameter budget shared by all layers).
     """
 
     gate_lr: float = 1e-3
@@ -104,6 +106,7 @@ class Recipe:
     gate_lora_lr: float | None = None
     gate_scale_lr: float | None = None
     recovery: float = 0.0
+    sparsity_scope: str = "layer"
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
@@ -291,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gate_lora_lr", float, "Adam lr of that update"),
         ("gate_scale_lr", float, "Adam lr of the scale gates (default: gate lr)"),
         ("recovery", float, "fraction of the steps, at the end, trained as the pruned model (0: none)"),
+        ("sparsity_scope", str, "layer (a target per layer) or global (one parameter budget for all)"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -396,6 +400,7 @@ def gate_config(
         sparsity_start_step=round(recipe.delay * steps),
         sparsity_warmup_steps=round(recipe.warmup * steps),
         recovery_start_step=recovery_start(recipe, steps),
+        sparsity_scope=recipe.sparsity_scope,
         bias=recipe.bias,
         scale_gates=recipe.scale_gates if placement == "units" else "none",
         lora_rank=recipe.gate_lora_rank,

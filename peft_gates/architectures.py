@@ -160,6 +160,18 @@ def attention_shape(spec: ArchSpec, config) -> AttentionShape:
     )
 
 
+def unit_weights(spec: ArchSpec, shape: AttentionShape, hidden: int) -> dict[str, int]:
+    """Weights one unit's removal takes out of a block, by unit module (biases left out).
+
+    An MLP neuron is one row of every ``mlp_rows`` segment and one column of ``mlp_out``; an attention
+    unit is the rows of its query heads and of one k and one v head, and its column block of
+    ``attn_out``. ``GateConfig.sparsity_scope="global"`` weighs each unit gate by this.
+    """
+    neuron = hidden * (len(spec.mlp_rows) * spec.fused_mlp_segments + 1)
+    attention = hidden * shape.head_dim * (2 * shape.heads_per_unit + 2)
+    return {spec.mlp_out: neuron, spec.attn_out: attention}
+
+
 def find_blocks(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:
     """The qualified name and the ModuleList of transformer blocks of ``model``."""
     for name, module in model.named_modules():

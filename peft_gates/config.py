@@ -24,6 +24,8 @@ PLACEMENTS = ("rows", "columns", "both", "units")
 Placement = Literal["rows", "columns", "both", "units"]
 SCALE_SIDES = ("none", "rows", "columns", "both")
 ScaleSides = Literal["none", "rows", "columns", "both"]
+SPARSITY_SCOPES = ("layer", "global")
+SparsityScope = Literal["layer", "global"]
 
 
 def _suffix_matches(module_name: str, suffixes) -> list[str]:
@@ -59,6 +61,12 @@ class GateConfig(PeftConfig):
             vector to ``1 - target_sparsity``. It targets probability mass, not counts: report the
             realized sparsity (``gate_statistics``).
         sparsity_weight: lambda, the weight of the sparsity term in the total loss (>= 0).
+        sparsity_scope: ``"layer"`` (default, the paper's): every gate vector (one side of one layer)
+            is pulled to the target on its own, so every layer loses the same share. ``"global"``: one
+            term over all gates under the sparsity term, each weighted by the weights its closing
+            removes (a whole unit's slices in every coupled module under ``placement="units"``; its row
+            or column of the gated Linear otherwise), so the layers share one parameter budget and the
+            task decides where to cut. ``target_sparsity`` is then the share of the gated parameters.
         init_mean, init_std: raw gate init ``theta ~ N(init_mean, init_std^2)`` (paper: 1.0, 0.1; at
             1.0 every gate starts fully open, so the wrapped model equals the base model).
         noise_std: std of the training noise added to every gate (paper: 0.1).
@@ -93,6 +101,9 @@ class GateConfig(PeftConfig):
     column_group_size: int | dict[str, int] = field(default=1, metadata={"help": "Columns per gate."})
     target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gates to close."})
     sparsity_weight: float = field(default=50.0, metadata={"help": "lambda of the sparsity term."})
+    sparsity_scope: SparsityScope = field(
+        default="layer", metadata={"help": f"One of {SPARSITY_SCOPES}: a target per layer, or one shared."}
+    )
     init_mean: float = field(default=1.0, metadata={"help": "Mean of the raw gate init."})
     init_std: float = field(default=0.1, metadata={"help": "Std of the raw gate init."})
     noise_std: float = field(default=0.1, metadata={"help": "Std of the training noise."})
@@ -132,6 +143,13 @@ class GateConfig(PeftConfig):
                 f"scale gates only add to placement='units' (placement={self.placement!r} already gates "
                 "every side it names, all under the sparsity term); use placement='units' or "
                 "scale_gates='none'",
+            )
+        if self.sparsity_scope not in SPARSITY_SCOPES:
+            raise bad(
+                "sparsity_scope",
+                self.sparsity_scope,
+                f"use 'layer' (a target per gate vector, the paper's) or 'global' (one parameter budget "
+                f"shared by all layers); one of {SPARSITY_SCOPES}",
             )
         if not 0.0 <= self.target_sparsity < 1.0:
             raise bad("target_sparsity", self.target_sparsity, "it must lie in [0, 1)")

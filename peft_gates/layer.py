@@ -84,6 +84,8 @@ class GateLayer(BaseTunerLayer):
         self.in_features, self.out_features = in_out_features(self.get_base_layer())
         # Shared with the tuner, which updates lambda / gradient scale in place (see training.py).
         self.sparsity: dict[str, SparsityCoefficient] = {}
+        # global sparsity scope: side -> (slot in the shared budget, weights removed per closed gate)
+        self.budget_slots: dict[str, dict[str, tuple[int, float]]] = {}
         self.gate_settings: dict[str, GateConfig] = {}
 
     def update_layer(
@@ -179,17 +181,23 @@ class GateLayer(BaseTunerLayer):
             return {side: gates.eval_value(theta) for side, theta in vectors.items()}
         cfg = self.gate_settings[adapter_name]
         regularized = self.regularized[adapter_name]
-        coef, noise_std = 0.0, cfg.noise_std
-        if adapter_name in self.sparsity:
-            shared = self.sparsity[adapter_name]
+        shared = self.sparsity.get(adapter_name)
+        coefs = dict.fromkeys(vectors, 0.0)
+        noise_std, budget = cfg.noise_std, None
+        if shared is not None:
             if shared.recovering:  # train as the pruned model: closed gates exactly 0, no gradient
                 noise_std = 0.0
-            if regularized:
-                coef = shared.per_vector(len(regularized))
+            budget = shared.budget
+            for side in regularized:
+                if budget is None:
+                    coefs[side] = shared.per_vector(len(regularized))
+                    continue
+                slot, weight = self.budget_slots[adapter_name][side]
+                theta = vectors[side]
+                budget.record(slot, weight * gates.open_probability(theta.detach(), cfg.sigma).sum())
+                coefs[side] = shared.weight * shared.grad_scale * weight / budget.total
         return {
-            side: gates.sample_with_sparsity_grad(
-                theta, noise_std, cfg.keep, cfg.sigma, coef if side in regularized else 0.0
-            )
+            side: gates.sample_with_sparsity_grad(theta, noise_std, cfg.keep, cfg.sigma, coefs[side], budget)
             for side, theta in vectors.items()
         }
 

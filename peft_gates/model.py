@@ -8,12 +8,48 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .architectures import arch_spec, attention_shape
+from .architectures import arch_spec, attention_shape, unit_weights
 from .config import GateConfig
-from .gates import SparsityCoefficient
+from .gates import OpenMassBudget, SparsityCoefficient
 from .layer import GateLayer, Linear, in_out_features
-from .pruning import DEFAULT_MULTIPLE_OF
+from .pruning import DEFAULT_MULTIPLE_OF, model_spec
 from .quantization import disable_cpu_repacking
+
+
+def _dotted_match(a: str, b: str) -> bool:
+    """Whether one name is the other's dotted suffix (``mlp.down_proj`` and ``down_proj``)."""
+    return a.endswith("." + b) or b.endswith("." + a)
+
+
+def _unit_modules(requested: str | set[str] | list[str], units: list[str], model_type: str) -> set[str]:
+    """The unit modules (keys of ``units``) that ``GateConfig.target_modules`` names, one per name.
+
+    A name selects the unit module it equals, else the one it is a dotted suffix or an extension of.
+    A selection is refused when another unit module's name ends with the chosen one, because gates are
+    matched by name suffix (BERT's MLP output ``output.dense`` ends ``attention.output.dense``).
+    """
+    names = {requested} if isinstance(requested, str) else set(requested)
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"GateConfig.target_modules={sorted(names)} with placement='units' {why}; the unit outputs of "
+            f"{model_type} are {units} (MLP neurons, attention heads); name one or both, or use None for both"
+        )
+
+    chosen = set()
+    for name in names:
+        found = [name] if name in units else [u for u in units if _dotted_match(u, name)]
+        if len(found) != 1:
+            raise refuse(f"must name exactly one unit output per entry ({name!r} names {found or 'none'})")
+        chosen.update(found)
+    for unit in chosen:
+        clash = [u for u in units if u not in chosen and u.endswith("." + unit)]
+        if clash:
+            raise refuse(
+                f"names {unit!r}, which {clash[0]!r} also ends with, so gates matched by suffix would "
+                "land on both; gate both unit outputs (target_modules=None)"
+            )
+    return chosen
 
 
 class GateModel(BaseTuner):
@@ -64,14 +100,7 @@ class GateModel(BaseTuner):
         if requested is None or requested == "all-linear":
             chosen = set(widths)
         else:
-            names = {requested} if isinstance(requested, str) else set(requested)
-            chosen = {u for u in widths if any(u == n or u.endswith("." + n) or n.endswith(u) for n in names)}
-            if not chosen or len(chosen) != len(names):
-                raise ValueError(
-                    f"GateConfig.target_modules={sorted(names)} with placement='units' must name unit "
-                    f"outputs of {model_type}: {sorted(widths)} (MLP neurons, attention heads), "
-                    "or be None for both"
-                )
+            chosen = _unit_modules(requested, sorted(widths), model_type)
         peft_config.column_group_size = {unit: widths[unit] for unit in chosen}
         scaled = set(spec.block_linears()) if peft_config.scale_gates != "none" else set()
         peft_config.target_modules = chosen | scaled
@@ -109,9 +138,38 @@ class GateModel(BaseTuner):
         # bitsandbytes would otherwise repack 4-bit weights on the first eval forward on CPUs with
         # AVX512-BF16 into a layout without backward: gates would silently stop training.
         disable_cpu_repacking(model)
-        layers = self.gated_layers(adapter_name).values()
-        terms = sum(1 for layer in layers if layer.regularized[adapter_name])
-        self.sparsity_coefficients[adapter_name] = SparsityCoefficient(config.lambda_at(0), num_terms=terms)
+        layers = self.gated_layers(adapter_name)
+        terms = sum(1 for layer in layers.values() if layer.regularized[adapter_name])
+        coefficient = SparsityCoefficient(config.lambda_at(0), num_terms=terms)
+        if config.sparsity_scope == "global":
+            coefficient.budget = self._global_budget(layers, config, adapter_name)
+        self.sparsity_coefficients[adapter_name] = coefficient
+
+    def _global_budget(
+        self, layers: dict[str, GateLayer], config: GateConfig, adapter_name: str
+    ) -> OpenMassBudget:
+        """Give every gate vector under the sparsity term a slot and a per-gate weight (the weights its
+        closing removes: a whole unit under ``placement="units"``, its own row or column otherwise)."""
+        units: dict[str, int] = {}
+        if config.placement == "units":
+            spec, shape = model_spec(self.model)
+            units = unit_weights(spec, shape, getattr(self.model.config, spec.hidden_attr))
+        vector_weights: list[float] = []
+        for name, layer in layers.items():
+            slots = {}
+            for side in layer.regularized[adapter_name]:
+                theta = layer.gate_vectors(adapter_name)[side]
+                unit = [module for module in units if name.endswith("." + module)]
+                if unit:  # the longest match: BERT's "attention.output.dense" also ends "output.dense"
+                    per_gate = units[max(unit, key=len)]
+                elif side == "rows":
+                    per_gate = layer.in_features
+                else:
+                    per_gate = layer.out_features * layer.column_group[adapter_name]
+                slots[side] = (len(vector_weights), float(per_gate))
+                vector_weights.append(float(per_gate) * getattr(theta, "ds_numel", theta.numel()))
+            layer.budget_slots[adapter_name] = slots
+        return OpenMassBudget(vector_weights)
 
     def gated_layers(self, adapter_name: str | None = None) -> dict[str, GateLayer]:
         """Qualified name -> gate layer, for the layers that carry gates of ``adapter_name``."""

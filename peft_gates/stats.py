@@ -16,7 +16,9 @@ class SideStats:
     """Counts for one gate vector (the rows or the columns of one layer).
 
     ``regularized`` is False for the scale gates of ``GateConfig.scale_gates``, which the sparsity
-    term leaves alone; their ``term`` is reported but counts in no total.
+    term leaves alone; their ``term`` is reported but counts in no total. ``open_mass`` is the sum of
+    the open probabilities and ``weight`` the weights one closed gate removes, which the global
+    sparsity scope weighs the gates by (1 under the per-layer scope).
     """
 
     gates: int
@@ -25,6 +27,8 @@ class SideStats:
     fractional: int
     term: float
     regularized: bool = True
+    open_mass: float = 0.0
+    weight: float = 1.0
 
     @property
     def closed_fraction(self) -> float:
@@ -57,6 +61,7 @@ class GateStats:
     total_parameters: int
     removable_parameters: int | None = None
     extra: dict = field(default_factory=dict)
+    sparsity_scope: str = "layer"
 
     def _sum(self, attr: str, regularized_only: bool = False) -> int:
         return sum(
@@ -96,7 +101,13 @@ class GateStats:
 
     @property
     def sparsity_loss(self) -> float:
-        """The unweighted sparsity term: mean over the layers it acts on (what lambda multiplies)."""
+        """The unweighted sparsity term (what lambda multiplies): the mean of the layers' terms, or under
+        the global scope ``|sum w p / sum w - keep|`` over every gate under the term."""
+        if self.sparsity_scope == "global":
+            sides = [s for layer in self.layers for s in layer.regularized_sides]
+            total = sum(s.weight * s.gates for s in sides)
+            mass = sum(s.weight * s.open_mass for s in sides)
+            return abs(mass / total - (1.0 - self.target_sparsity)) if total else 0.0
         layers = [layer for layer in self.layers if layer.regularized_sides]
         return sum(layer.sparsity_loss for layer in layers) / len(layers) if layers else 0.0
 
@@ -156,7 +167,9 @@ def gathered(params: list[nn.Parameter]):
         yield
 
 
-def _side_stats(theta: torch.Tensor, keep: float, sigma: float, regularized: bool) -> SideStats:
+def _side_stats(
+    theta: torch.Tensor, keep: float, sigma: float, regularized: bool, weight: float
+) -> SideStats:
     theta = theta.detach().float()
     z = gates.eval_value(theta)
     closed = int((z == 0).sum())
@@ -168,6 +181,8 @@ def _side_stats(theta: torch.Tensor, keep: float, sigma: float, regularized: boo
         fractional=theta.numel() - opened - closed,
         term=float(gates.sparsity_term(theta, keep, sigma)),
         regularized=regularized,
+        open_mass=float(gates.open_probability(theta, sigma).sum()),
+        weight=weight,
     )
 
 
@@ -198,9 +213,16 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
     layers = []
     for name, layer in tuner.gated_layers(adapter_name).items():
         vectors = layer.gate_vectors(adapter_name)
+        slots = layer.budget_slots.get(adapter_name, {})
         with gathered(list(vectors.values())):
             sides = {
-                side: _side_stats(theta, config.keep, config.sigma, side in layer.regularized[adapter_name])
+                side: _side_stats(
+                    theta,
+                    config.keep,
+                    config.sigma,
+                    side in layer.regularized[adapter_name],
+                    slots[side][1] if side in slots else 1.0,
+                )
                 for side, theta in vectors.items()
             }
         layers.append(LayerStats(name=name, sides=sides))
@@ -209,7 +231,8 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
         for n, p in tuner.model.named_parameters()
         if tuner.prefix not in n
     )
-    stats = GateStats(adapter_name, config.target_sparsity, layers, total_parameters=total)
+    scope = config.sparsity_scope
+    stats = GateStats(adapter_name, config.target_sparsity, layers, total, sparsity_scope=scope)
     if with_plan:
         from .pruning import plan_pruning
 

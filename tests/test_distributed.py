@@ -183,6 +183,19 @@ def test_zero3_low_rank_update(tmp_path_factory, tmp_path):
     compare("zero3_low_rank", reference(tmp_path_factory, "low_rank", lora_rank=4), result)
 
 
+def test_zero3_global_scope(tmp_path_factory, tmp_path):
+    """ZeRO-3 x2, unit gates under one budget shared by all layers (``sparsity_scope="global"``), gates
+    partitioned, reentrant checkpointing: every rank reads the same total open mass (each layer records
+    it from its gathered gates in the forward), so the run ends where one process ends."""
+    g.tiny_llama().save_pretrained(tmp_path / "base")
+    result = torchrun(
+        "ds_train.py", tmp_path / "z3g.json", "3", "global", "gc_reentrant", f"pretrained={tmp_path / 'base'}"
+    )
+    assert (result.get("zero_stage"), result.get("world_size")) == (3, 2), result.get("error")
+    assert result["partitioned_gate_vectors"] == len(result["gates"])
+    compare("zero3_global_scope", reference(tmp_path_factory, "global", **g.GLOBAL_SCOPE), result)
+
+
 def test_sft_script_zero3_bf16(tmp_path):
     """integrations/trl/sft_gates.py under ``accelerate launch`` with integrations/accelerate/zero3.yaml
     (2 processes, bf16, base partitioned by zero.Init at load, TRL's PEFT + ZeRO-3 path, adapter saved

@@ -150,7 +150,9 @@ def _source_strings() -> list[str]:
 OWN_MESSAGES = [
     "needs the coupled structures of model_type=",
     "use placement='both' (or 'rows'/'columns') or add the family to peft_gates.architectures.ARCHITECTURES",
-    "with placement='units' must name unit outputs of",
+    "must name exactly one unit output per entry",
+    "; the unit outputs of",
+    "also ends with",
     "does not divide in_features=",
     "gates on the output layer (lm_head) do not train under TRL's SFTTrainer",
     "add 'lm_head' to GateConfig.exclude_modules (or drop it from target_modules)",

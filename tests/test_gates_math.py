@@ -40,7 +40,7 @@ def test_gate_sample_task_gradient_and_injected_sparsity_gradient():
     theta = torch.tensor([0.1, -0.3, 2.0], requires_grad=True)
     noise = torch.tensor([0.05, 0.0, 0.0])
     coef = 3.0
-    z = gates.GateSample.apply(theta, noise, 0.7, 0.5, coef)
+    z = gates.GateSample.apply(theta, noise, 0.7, 0.5, coef, None)
     torch.testing.assert_close(z.detach(), torch.clamp(torch.tanh(theta.detach()) + noise + 0.5, 0, 1))
     upstream = torch.tensor([1.0, 2.0, 5.0])
     z.backward(upstream)
@@ -53,7 +53,7 @@ def test_gate_sample_task_gradient_and_injected_sparsity_gradient():
 
 def test_zero_coefficient_injects_nothing():
     theta = torch.tensor([0.1, -0.3], requires_grad=True)
-    gates.GateSample.apply(theta, torch.zeros(2), 0.7, 0.5, 0.0).sum().backward()
+    gates.GateSample.apply(theta, torch.zeros(2), 0.7, 0.5, 0.0, None).sum().backward()
     torch.testing.assert_close(theta.grad, 1 - torch.tanh(theta.detach()) ** 2)
 
 

@@ -343,6 +343,25 @@ def test_gradient_checkpointing_matches(tmp_path_factory, reentrant):
     assert_same(ref, gc)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_global_scope_matches_under_checkpointing_and_accumulation(tmp_path_factory, reentrant):
+    """The global budget reads every layer's open mass in each backward: recomputed forwards (gradient
+    checkpointing) and micro-batches (accumulation) must leave the trajectory unchanged."""
+    scope = {"placement": "units", "sparsity_scope": "global"}
+    ref = run(tmp_path_factory, gates_kw=scope)
+    gc = run(
+        tmp_path_factory,
+        gates_kw=scope,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    assert_same(ref, gc)
+    per_layer = run(tmp_path_factory, gates_kw={"placement": "units"})  # control: the scope matters here
+    assert max_diff(ref, per_layer)["gates"] > 1e-2
+
+
 def test_loss_scaling_is_undone_like_the_loss(tmp_path_factory, tmp_path):
     """fp16-style loss scaling (a GradScaler; CPU autocast has none, so it is installed by hand)."""
     from transformers import Trainer

@@ -73,6 +73,10 @@ class GateArguments:
     column_group_size: str = field(default="1", metadata={"help": "int, or JSON {module-suffix: size}."})
     target_sparsity: float = field(default=0.3, metadata={"help": "Fraction of gates to close."})
     sparsity_weight: float = field(default=50.0, metadata={"help": "lambda of the sparsity term."})
+    sparsity_scope: str = field(
+        default="layer",
+        metadata={"help": "layer: a target per layer (the paper's) | global: one parameter budget for all."},
+    )
     init_mean: float = field(default=1.0, metadata={"help": "Mean of the raw gate init."})
     init_std: float = field(default=0.1, metadata={"help": "Std of the raw gate init."})
     noise_std: float = field(default=0.1, metadata={"help": "Std of the training noise."})

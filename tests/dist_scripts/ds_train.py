@@ -7,7 +7,8 @@ gates to OUT.json. One configuration per process: DeepSpeed keeps global state.
 Flags: ``gc`` / ``gc_reentrant`` (gradient checkpointing), ``ga2`` (per-device batch 1 x 2 accumulation
 steps), ``pretrained=DIR`` (load the base with from_pretrained after the training arguments exist, so
 ZeRO-3 partitions it at load time through zero.Init, as TRL scripts do), ``bf16``, ``fp16``, ``lora``
-(a rank-4 update inside the gates, at its own lr: ``g.LOW_RANK_LRS``).
+(a rank-4 update inside the gates, at its own lr: ``g.LOW_RANK_LRS``), ``global`` (unit gates under one
+shared sparsity budget: ``g.GLOBAL_SCOPE``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     gates_kw = {"lora_rank": 4} if "lora" in flags else {}
     if gates_kw:
         extra["learning_rate"] = g.LOW_RANK_LRS[0]
+    if "global" in flags:
+        gates_kw.update(g.GLOBAL_SCOPE)
     try:
         args = g.training_args(
             str(Path(out_json).parent / f"ds{stage}"),
@@ -67,7 +70,7 @@ def main() -> None:
             zero_init = False
             model = g.gated_model(**gates_kw)
         trainer = Trainer(model=model, args=args, train_dataset=g.RowsDataset(g.token_rows()))
-        attach(trainer, lora_lr=g.LOW_RANK_LRS[1] if gates_kw else None)
+        attach(trainer, lora_lr=g.LOW_RANK_LRS[1] if gates_kw.get("lora_rank") else None)
         trainer.train()
         engine = trainer.model_wrapped
         partitioned = sum(

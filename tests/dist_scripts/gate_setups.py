@@ -65,6 +65,8 @@ class RowsDataset(torch.utils.data.Dataset):
 
 #: (gates' lr, update's lr) of the runs with a low-rank update (plain SGD, like every equivalence run)
 LOW_RANK_LRS = (50.0, 0.5)
+#: unit gates under one parameter budget shared by every layer (GateConfig.sparsity_scope="global")
+GLOBAL_SCOPE = {"placement": "units", "sparsity_scope": "global"}
 
 
 def gate_config(**overrides: Any):
