@@ -225,6 +225,31 @@ def test_target_modules_matching_nothing_or_non_linear():
         get_peft_model(tiny_model("llama"), GateConfig(target_modules=["embed_tokens"]))
 
 
+def test_units_target_modules_name_one_unit_output_each():
+    """Naming one unit output gates only it; on BERT, whose MLP output name ``output.dense`` is the tail of
+    ``attention.output.dense``, the heads can be named alone and the ambiguous MLP name is refused."""
+
+    def unit_modules(family: str, targets: list[str]) -> set[str]:
+        model = get_peft_model(tiny_model(family), GateConfig(placement="units", target_modules=targets))
+        return {
+            n.split(".peft_gates_col")[0].split(".0.", 1)[1]
+            for n, _ in model.named_parameters()
+            if ".0." in n and "peft_gates_col" in n
+        }
+
+    assert unit_modules("llama", ["down_proj"]) == {"mlp.down_proj"}
+    assert unit_modules("llama", ["o_proj"]) == {"self_attn.o_proj"}
+    assert unit_modules("bert", ["attention.output.dense"]) == {"attention.output.dense"}
+    assert unit_modules("bert", ["attention.output.dense", "output.dense"]) == {
+        "attention.output.dense",
+        "output.dense",
+    }
+    with pytest.raises(ValueError, match="'output.dense', which 'attention.output.dense' also ends with"):
+        unit_modules("bert", ["output.dense"])
+    with pytest.raises(ValueError, match="'dense' names \\['attention.output.dense', 'output.dense'\\]"):
+        unit_modules("bert", ["dense"])
+
+
 def test_units_placement_rejects_unknown_architecture_and_non_units():
     from transformers import OPTConfig, OPTForCausalLM
 
