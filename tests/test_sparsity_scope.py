@@ -70,19 +70,9 @@ def global_term(model, weights: dict[str, float]) -> torch.Tensor:
 @pytest.mark.parametrize("ga,loss_scale", [(1, 1.0), (2, 1024.0)])
 def test_injected_gradient_is_lambda_times_autograd_of_the_global_term(placement, ga, loss_scale):
     model = g.gated_model(placement=placement, sparsity_scope="global", target_sparsity=0.3).train()
-    batch = {k: v[None] for k, v in g.RowsDataset(g.token_rows())[0].items()}
     lam = model.peft_config["default"].sparsity_weight
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def grads(with_term: bool) -> dict[str, torch.Tensor]:
-        model.zero_grad()
-        set_sparsity_step(model, 0, gradient_accumulation_steps=ga, loss_scale=loss_scale)
-        if not with_term:
-            gate_model_of(model).sparsity_coefficients["default"].weight = 0.0
-        (model(**batch).loss * loss_scale / ga).backward()
-        return {n: p.grad.clone() for n, p in params.items()}
-
-    injected = {n: a - b for (n, a), b in zip(grads(True).items(), grads(False).values(), strict=True)}
+    params = dict(model.named_parameters())
+    injected = g.injected_sparsity_gradient(model, ga, loss_scale)
     weights = expected_weights(model, placement)
     names = sorted(weights)
     term_grads = torch.autograd.grad(lam * global_term(model, weights), [params[n] for n in names])

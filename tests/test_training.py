@@ -111,20 +111,8 @@ def expected_sparsity_grad(peft_model, lam: float) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("ga,loss_scale", [(1, 1.0), (2, 1.0), (4, 1024.0)])
 def test_injected_gradient_is_exactly_lambda_times_autograd_of_the_term(ga, loss_scale):
     model = g.gated_model().train()
-    batch = g.RowsDataset(g.token_rows())[0]
-    batch = {k: v[None] for k, v in batch.items()}
     lam = model.peft_config["default"].sparsity_weight
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def grads(step_lambda: bool) -> dict[str, torch.Tensor]:
-        model.zero_grad()
-        set_sparsity_step(model, 0, gradient_accumulation_steps=ga, loss_scale=loss_scale)
-        if not step_lambda:
-            gate_model_of(model).sparsity_coefficients["default"].weight = 0.0
-        (model(**batch).loss * loss_scale / ga).backward()
-        return {n: p.grad.clone() for n, p in params.items()}
-
-    injected = {n: a - b for (n, a), b in zip(grads(True).items(), grads(False).values(), strict=True)}
+    injected = g.injected_sparsity_gradient(model, ga, loss_scale)
     expected = expected_sparsity_grad(model, lam)
     assert set(injected) == set(expected)
     for name, value in injected.items():

@@ -93,6 +93,27 @@ def gated_model(seed: int = 0, **gate_overrides: Any):
     return get_peft_model(model, gate_config(**gate_overrides))
 
 
+def injected_sparsity_gradient(model, ga: int = 1, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The sparsity gradient one training backward injects, per trainable parameter: the gradient with
+    lambda on minus the gradient with lambda off on the first row (with noise off both forwards agree).
+    The loss is scaled and divided as the Trainer does for a loss scale and ``ga`` accumulation steps."""
+    from peft_gates.training import gate_model_of, set_sparsity_step
+
+    batch = {k: v[None] for k, v in RowsDataset(token_rows())[0].items()}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def grads(with_term: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        set_sparsity_step(model, 0, gradient_accumulation_steps=ga, loss_scale=loss_scale)
+        if not with_term:
+            gate_model_of(model).sparsity_coefficients["default"].weight = 0.0
+        (model(**batch).loss * loss_scale / ga).backward()
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    with_term, without = grads(True), grads(False)
+    return {n: with_term[n] - without[n] for n in params}
+
+
 def training_args(out_dir: str, **overrides: Any):
     from transformers import TrainingArguments
 
