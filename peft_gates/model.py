@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .architectures import arch_spec, attention_shape, unit_weights
-from .config import GateConfig
+from .config import GateConfig, _suffix_matches
 from .gates import OpenMassBudget, SparsityCoefficient
 from .layer import GateLayer, Linear, in_out_features
 from .pruning import DEFAULT_MULTIPLE_OF, model_spec
@@ -159,7 +159,7 @@ class GateModel(BaseTuner):
             slots = {}
             for side in layer.regularized[adapter_name]:
                 theta = layer.gate_vectors(adapter_name)[side]
-                unit = [module for module in units if name.endswith("." + module)]
+                unit = _suffix_matches(name, units)
                 if unit:  # the longest match: BERT's "attention.output.dense" also ends "output.dense"
                     per_gate = units[max(unit, key=len)]
                 elif side == "rows":

@@ -24,25 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 
 import gate_setups as g  # noqa: E402
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 TOL = 2e-5
 REPORT: dict[str, dict[str, float]] = {}  # max differences per setup, printed at the end (-s)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def launch(cmd: list[str], out: Path, timeout: int = 300) -> None:

@@ -28,13 +28,7 @@ from peft_gates.architectures import arch_spec, attention_shape  # noqa: E402
 from peft_gates.pruning import plan_pruning  # noqa: E402
 from peft_gates.training import gate_model_of, set_sparsity_step  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def expected_weights(model, placement: str) -> dict[str, float]:

@@ -39,13 +39,7 @@ from peft_gates.training import (  # noqa: E402
 TOL = 2e-5  # float32 reduction-order noise between setups over 8 SGD steps is ~1e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are 50x faster single-threaded on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _CACHE: dict[tuple, dict] = {}
