@@ -207,12 +207,19 @@ def setup_deepspeed_on_cpu() -> None:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group before exit, so no gloo or DeepSpeed thread is still running at interpreter
-    teardown (that aborted a rank once in CI: "terminate called without an active exception")."""
+    """Destroy the process group and end the process without interpreter teardown.
+
+    A gloo or DeepSpeed thread still alive at teardown aborts the rank ("terminate called without an active
+    exception", seen in CI even after destroy_process_group), failing a run whose result is already
+    written. Every script calls this last, after writing its JSON, so skipping teardown loses nothing.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover - manual smoke run
