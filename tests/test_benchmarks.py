@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import accuracy, common, inference, recipes, train_cost  # noqa: E402
+from benchmarks import accuracy, common, importance_prior, inference, recipes, train_cost  # noqa: E402
 
 TINY = ["--model", "tiny", "--data", "synthetic"]
 SMALL = ["--train-size", "16", "--test-size", "8", "--steps", "2", "--batch-size", "8"]
@@ -215,6 +215,85 @@ def test_gate_scale_lr_flag_reaches_the_optimizer_of_models_with_scale_gates():
     no_scales = accuracy.build_parser().parse_args(["--gate-scale-lr", "1e-4"])
     with pytest.raises(SystemExit, match="--gate-scale-lr 0.0001 needs scale gates"):
         accuracy.resolve_recipe(no_scales, no_scales.recipe)
+
+
+# ------------------------------------------------------------------------------------- importance prior
+
+
+def _unit_gated_llama():
+    from peft import get_peft_model
+    from tiny import tiny_model
+
+    from peft_gates import GateConfig
+
+    return get_peft_model(tiny_model("llama"), GateConfig(placement="units", init_std=0.0))
+
+
+def test_importance_scores_are_the_units_output_contribution():
+    torch.manual_seed(0)
+    model = _unit_gated_llama()
+    layers = importance_prior.regularized_column_layers(model)
+    assert {type(layer.get_base_layer()).__name__ for layer in layers} == {"Linear"}
+    assert len(layers) == 4  # down_proj (neurons) and o_proj (GQA units) of both layers
+    for layer in layers:
+        size = layer.column_group["default"]
+        groups = layer.in_features // size
+        x = torch.randn(10, layer.in_features)
+        gram = torch.einsum("tgi,tgj->gij", x.view(10, groups, size), x.view(10, groups, size))
+        weight = layer.get_base_layer().weight
+        direct = [
+            (x[:, g * size : (g + 1) * size] @ weight[:, g * size : (g + 1) * size].t()).pow(2).sum()
+            for g in range(groups)
+        ]
+        torch.testing.assert_close(importance_prior.contribution_scores(layer, gram), torch.stack(direct))
+
+
+@pytest.mark.parametrize("spread", [0.5, -0.5])
+def test_importance_prior_shifts_gates_by_rank(spread):
+    torch.manual_seed(0)
+    model = _unit_gated_llama()
+    batches = [{"input_ids": torch.randint(2, 90, (2, 12)), "labels": torch.zeros(2, 12, dtype=torch.long)}]
+    layers = importance_prior.regularized_column_layers(model)
+    before = [layer.peft_gates_col["default"].detach().clone() for layer in layers]
+    grams = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, i, o: grams.__setitem__(m, i[0].detach().reshape(-1, m.in_features))
+        )
+        for layer in layers
+    ]
+    with torch.no_grad():
+        model.eval()
+        model(input_ids=batches[0]["input_ids"])
+    for hook in hooks:
+        hook.remove()
+    model.train()
+    assert importance_prior.apply_prior(model, batches, spread) == len(layers)
+    assert model.training
+    for layer, old in zip(layers, before, strict=True):
+        shift = layer.peft_gates_col["default"].detach() - old
+        size = layer.column_group["default"]
+        x = grams[layer].view(-1, layer.in_features // size, size)
+        gram = torch.einsum("tgi,tgj->gij", x, x)
+        scores = importance_prior.contribution_scores(layer, gram)
+        weakest, strongest = scores.argmin(), scores.argmax()
+        # spread > 0: the strongest unit moves by the spread, the weakest keeps its init; < 0: the reverse
+        far, kept = (strongest, weakest) if spread > 0 else (weakest, strongest)
+        assert shift[far].item() == pytest.approx(spread) and shift[kept].item() == pytest.approx(0.0)
+        assert ((shift >= min(0, spread) - 1e-6) & (shift <= max(0, spread) + 1e-6)).all()
+
+
+def test_importance_prior_runs_the_accuracy_benchmark_and_restores_attach(tmp_path):
+    from peft_gates import training
+
+    attach = training.attach
+    argv = ["--part", "cls", *TINY, *SMALL, "--methods", "gates-units", "--targets", "0.3", "--no-plots"]
+    prior = ["--prior-spread", "0.4", "--prior-batches", "1"]
+    out = importance_prior.main([*prior, *argv, "--out-dir", str(tmp_path)])
+    assert out["cls"]["runs"][0]["method"] == "gates-units"
+    assert (tmp_path / "accuracy_cls.json").exists() and training.attach is attach
+    with pytest.raises(SystemExit):
+        importance_prior.main(["--prior-spread", "0", *argv])
 
 
 def test_recovery_flag_becomes_the_last_share_of_the_steps():
