@@ -41,9 +41,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def regularized_column_layers(model: nn.Module, adapter: str = "default") -> list[GateLayer]:
     """The gate layers whose column gates are under the sparsity term (the unit gates)."""
-    return [
-        m for m in model.modules() if isinstance(m, GateLayer) and "columns" in m.regularized.get(adapter, ())
-    ]
+    layers = training.gate_model_of(model).gated_layers(adapter).values()
+    return [layer for layer in layers if "columns" in layer.regularized[adapter]]
 
 
 def contribution_scores(layer: GateLayer, gram: torch.Tensor) -> torch.Tensor:
