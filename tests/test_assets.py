@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 from pathlib import Path
 
@@ -103,3 +104,37 @@ def test_minilm_classifier_runs() -> None:
     assert model.config.num_labels == 2
     acc = assets.cls_accuracy(model, tok, [("good", 1), ("bad", 0), ("fine", 1)], batch_size=2)
     assert acc in {0.0, 1 / 3, 2 / 3, 1.0}
+
+
+def _cache_copy(path: Path, stamp: dict) -> None:
+    (path / "weights.bin").write_text(json.dumps(stamp))
+    (path / assets._SOURCE_STAMP).write_text(json.dumps(stamp))
+
+
+def test_cache_write_keeps_a_copy_another_job_finished(tmp_path: Path) -> None:
+    """Two jobs started together both build the cache; the later one must not delete the first's copy.
+
+    The first job may already be loading it (the crash this guards against: FileNotFoundError on
+    model.safetensors in a job whose cache another job replaced under it).
+    """
+    target, stamp = tmp_path / "model", {"source": "v2"}
+    target.mkdir()
+    _cache_copy(target, stamp)  # the first job's finished copy
+    inode = (target / "weights.bin").stat().st_ino
+    assets._write_atomically(
+        target, lambda d: _cache_copy(d, stamp), done=lambda: assets._has_stamp(target, stamp)
+    )
+    assert (target / "weights.bin").stat().st_ino == inode  # untouched, not replaced by an equal copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]  # no temp dir left
+
+
+def test_cache_write_replaces_a_stale_copy(tmp_path: Path) -> None:
+    target, new = tmp_path / "model", {"source": "v2"}
+    target.mkdir()
+    _cache_copy(target, {"source": "v1"})  # written by an older wheel / transformers
+    assert not assets._has_stamp(target, new)
+    assets._write_atomically(
+        target, lambda d: _cache_copy(d, new), done=lambda: assets._has_stamp(target, new)
+    )
+    assert assets._has_stamp(target, new) and json.loads((target / "weights.bin").read_text()) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
