@@ -86,6 +86,8 @@ class Recipe:
             off: ``GateConfig.recovery_start_step``); 0 = none, the paper's method.
         sparsity_scope: ``GateConfig.sparsity_scope``: ``layer`` (a target per layer, the paper's) or
             ``global`` (one parameter budget shared by all layers).
+        unit_modules: unit placement only: comma-separated unit outputs to gate (``GateConfig``
+            ``target_modules``), e.g. ``down_proj`` for MLP neurons alone; empty = every unit.
     """
 
     gate_lr: float = 1e-3
@@ -107,6 +109,7 @@ class Recipe:
     gate_scale_lr: float | None = None
     recovery: float = 0.0
     sparsity_scope: str = "layer"
+    unit_modules: str = ""
 
 
 #: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
@@ -295,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("gate_scale_lr", float, "Adam lr of the scale gates (default: gate lr)"),
         ("recovery", float, "fraction of the steps, at the end, trained as the pruned model (0: none)"),
         ("sparsity_scope", str, "layer (a target per layer) or global (one parameter budget for all)"),
+        ("unit_modules", str, "units only: unit outputs to gate, e.g. down_proj (default: every unit)"),
     ):
         recipe.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, default=None, help=text)
     parser.add_argument("--multiple-of", type=int, default=1, help="width alignment of the pruned model")
@@ -345,8 +349,8 @@ def part_settings(args: argparse.Namespace, defaults: PartSettings) -> PartSetti
     return replace(defaults, **given)
 
 
-def resolve_recipe(args: argparse.Namespace, name: str) -> Recipe:
-    """The named recipe with every explicitly given recipe flag applied on top."""
+def resolve_recipe(args: argparse.Namespace, name: str, methods: Sequence[str] = ()) -> Recipe:
+    """The named recipe with every explicitly given recipe flag on top, checked against ``methods``."""
     given = {k: getattr(args, k) for k in asdict(Recipe()) if getattr(args, k, None) is not None}
     recipe = replace(RECIPES[name], **given)
     if recipe.gate_lora_rank and recipe.gate_lora_lr is None:
@@ -363,6 +367,11 @@ def resolve_recipe(args: argparse.Namespace, name: str) -> Recipe:
         raise SystemExit(
             f"error: --recovery {recipe.recovery} must lie in [0, 1 - delay) = [0, {1.0 - recipe.delay:g}): "
             "the recovery phase must leave the sparsity term some steps after its delay"
+        )
+    if recipe.unit_modules and "gates-both" in methods:
+        raise SystemExit(
+            f"error: --unit-modules {recipe.unit_modules} picks unit outputs of gates-units; gates-both has "
+            "no units (drop gates-both from the methods, or run it without --unit-modules)"
         )
     return recipe
 
@@ -388,6 +397,8 @@ def gate_config(
     """A GateConfig from a recipe; the delay/warm-up fractions become step counts for this run's length."""
     from peft_gates import GateConfig
 
+    if placement == "units" and recipe.unit_modules:
+        kwargs["target_modules"] = common.parse_list(recipe.unit_modules)
     return GateConfig(
         task_type=task_type,
         placement=placement,
@@ -832,8 +843,8 @@ def write_results(args: argparse.Namespace, payload: dict[str, Any], title: str)
 def run_cls(args: argparse.Namespace) -> dict[str, Any]:
     """Part (a): every method x target x seed on MiniLM; table, JSON, plots."""
     settings = part_settings(args, CLS_DEFAULTS)
-    recipe = resolve_recipe(args, args.recipe)
     methods = common.parse_list(args.methods)
+    recipe = resolve_recipe(args, args.recipe, methods)
     unknown = sorted(set(methods) - set(CLS_METHODS))
     if unknown:
         raise SystemExit(f"error: unknown --methods {unknown}; choose from {CLS_METHODS}")
@@ -1095,8 +1106,8 @@ def run_lm_one(
 def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     """Part (b): SmolLM2-135M-Instruct, zero-shot / LoRA / IA3 / gates via SFTTrainer; table, JSON, plot."""
     settings = part_settings(args, LM_DEFAULTS)
-    recipe = resolve_recipe(args, args.lm_recipe)
     methods = common.parse_list(args.lm_methods)
+    recipe = resolve_recipe(args, args.lm_recipe, methods)
     unknown = sorted(set(methods) - set(LM_METHODS))
     if unknown:
         raise SystemExit(f"error: unknown --lm-methods {unknown}; choose from {LM_METHODS}")

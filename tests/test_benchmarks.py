@@ -217,6 +217,26 @@ def test_gate_scale_lr_flag_reaches_the_optimizer_of_models_with_scale_gates():
         accuracy.resolve_recipe(no_scales, no_scales.recipe)
 
 
+def test_unit_modules_flag_gates_only_the_named_units():
+    from peft import get_peft_model
+    from tiny import tiny_model
+
+    from peft_gates.training import gate_model_of
+
+    args = accuracy.build_parser().parse_args(["--unit-modules", "down_proj"])
+    recipe = accuracy.resolve_recipe(args, args.recipe, ["lora", "gates-units"])
+    config = accuracy.gate_config(recipe, steps=10, target=0.3, placement="units", task_type="CAUSAL_LM")
+    model = get_peft_model(tiny_model("llama"), config)
+    gated = {name.rsplit(".", 1)[-1] for name in gate_model_of(model).gated_layers("default")}
+    assert gated == {"down_proj"}  # MLP neurons only: no attention-unit gates on o_proj
+    with pytest.raises(SystemExit, match="--unit-modules down_proj picks unit outputs of gates-units"):
+        accuracy.resolve_recipe(args, args.recipe, ["gates-both"])
+    wrong = accuracy.build_parser().parse_args(["--unit-modules", "fc9"])
+    config = accuracy.gate_config(accuracy.resolve_recipe(wrong, wrong.recipe), 10, 0.3, "units", "CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"target_modules=\['fc9'\] with placement='units'"):
+        get_peft_model(tiny_model("llama"), config)
+
+
 # ------------------------------------------------------------------------------------- importance prior
 
 
