@@ -92,7 +92,7 @@ def main() -> None:
         shuffle=True,
         collate_fn=lambda rows: collate(rows, tokenizer.pad_token_id),
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    optimizer = torch.optim.AdamW(peft_gates.training.optimizer_groups(model, lr=2e-2))  # gates: no decay
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     history = train(model, loader, optimizer, accelerator, args.steps, log_every=10)
     accelerator.print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.3f}")

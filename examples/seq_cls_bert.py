@@ -70,9 +70,8 @@ def main() -> None:
         data = Dataset.from_dict({"text": [s for s, _ in pairs], "label": [y for _, y in pairs]})
         return data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True)
 
-    gates = [p for n, p in model.named_parameters() if p.requires_grad and "peft_gates_" in n]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and "peft_gates_" not in n]
-    optimizer = torch.optim.AdamW([{"params": gates, "lr": 1e-2}, {"params": others, "lr": 1e-3}])
+    # gates at 1e-2 and without weight decay (decay pulls every gate towards half-open), the head at 1e-3
+    optimizer = torch.optim.AdamW(peft_gates.training.optimizer_groups(model, lr=1e-2, other_lr=1e-3))
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
@@ -83,10 +82,11 @@ def main() -> None:
             save_strategy="no",
             report_to="none",
             use_cpu=not torch.cuda.is_available(),
+            lr_scheduler_type="constant",
         ),
         train_dataset=encode(train).remove_columns("text"),
         data_collator=DataCollatorWithPadding(tokenizer),
-        optimizers=(optimizer, None),  # constant learning rates
+        optimizers=(optimizer, None),  # the scheduler follows lr_scheduler_type: constant
     )
     peft_gates.attach(trainer)
     trainer.train()

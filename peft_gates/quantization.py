@@ -288,7 +288,7 @@ def disable_cpu_repacking(model: nn.Module) -> int:
         logger.warning(
             "%d bitsandbytes 4-bit layers had been repacked for CPU inference by an earlier eval forward; "
             "converted back to the trainable layout (block scales stay rounded to bf16). Call "
-            "prepare_quantized_for_gates() right after loading to avoid this.",
+            "peft_gates.quantization.prepare_quantized_for_gates() right after loading to avoid this.",
             restored,
         )
     return restored

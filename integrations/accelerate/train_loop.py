@@ -31,7 +31,7 @@ from peft import get_peft_model
 from torch import nn
 
 import peft_gates
-from peft_gates.training import gate_metrics, set_sparsity_step
+from peft_gates.training import gate_metrics, optimizer_groups, set_sparsity_step
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def main() -> None:
     )
     data = [{"input_ids": row, "labels": row} for row in ids]
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, lr=args.lr))  # gates: no weight decay
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     train(model, loader, optimizer, accelerator, args.steps, log_every=1)
 
