@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +276,12 @@ def _has_stamp(target: Path, stamp: dict[str, Any]) -> bool:
         return False
 
 
-def _write_atomically(target: Path, write: Any, done: Any) -> None:
+def _write_atomically(target: Path, write: Callable[[Path], None], done: Callable[[], bool]) -> None:
     """Fill a temp dir next to ``target`` and rename it into place, replacing a stale ``target``.
 
     Concurrent jobs (two benchmark runs started together) each find the cache stale and each build a
     copy. The check-and-replace runs under a lock file and is skipped when ``done()`` says another job
-    has already put a good copy there: replacing it would delete files a third job may be loading.
+    has already put a good copy there: replacing it would delete files that job may be loading.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
