@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("path", metavar="PATH", help="gate adapter directory or pruned export directory")
     report.add_argument("--base", metavar="PATH", help="base model directory (needed for an adapter)")
-    report.add_argument("--out", metavar="PATH", help="where to write compression_report.* (default: PATH)")
+    report.add_argument(
+        "--out", metavar="PATH", help="also write compression_report.{json,md,png} there (default: none)"
+    )
     _add_plan_options(report, for_report=True)
     report.set_defaults(func=cmd_report, subparser=report)
 
@@ -266,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", metavar="N", type=_positive_int, help="torch CPU threads (default: torch's choice)"
     )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
     bench.set_defaults(func=cmd_bench, subparser=bench)
     return parser
 
@@ -310,11 +313,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (CliError, OSError, ValueError) as err:
-        if args.debug:
+    except (CliError, OSError, ValueError, TypeError) as err:
+        if args.debug or (isinstance(err, TypeError) and not _written_for_users(err)):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
+
+
+def _written_for_users(err: TypeError) -> bool:
+    """A TypeError whose message names the fix (an unsupported quantized base), unlike a bug's."""
+    from .quantization import UnsupportedQuantizationError
+
+    return isinstance(err, UnsupportedQuantizationError)
 
 
 def _one_line(err: BaseException) -> str:
@@ -398,6 +408,11 @@ def _read_adapter_config(adapter: Path, flag: str = "--adapter") -> dict[str, An
         raise CliError(
             f"{flag} {adapter} is a {peft_type} adapter, not a peft_gates one (peft_type PEFT_GATES); merge "
             "it with PEFT's own merge_and_unload()"
+        )
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise CliError(
+            f"{flag} {adapter} has adapter_config.json but no adapter_model.safetensors (the gate values): "
+            "an incomplete copy; pass the whole directory that model.save_pretrained(DIR) wrote"
         )
     return config
 
@@ -514,11 +529,19 @@ def _load_tokenizer(*dirs: Path) -> tuple[Any, Path | None]:
     return None, None
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """Refuse an ``--out`` that is a file, holds files (without ``--overwrite``) or holds an input."""
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CliError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    target = out.resolve()
+    for flag, path in inputs.items():
+        if target == path.resolve() or target in path.resolve().parents:
+            raise CliError(
+                f"--out {out} is or contains {flag} {path}: writing the export there would delete what it is "
+                "built from; pass another --out"
+            )
 
 
 # --------------------------------------------------------------------------------------------- prune
@@ -531,7 +554,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     adapter_config = _read_adapter_config(adapter)
     _read_model_config(base, "--base")
     out = Path(args.out).expanduser()
-    _check_out(out, args.overwrite)
+    _check_out(out, args.overwrite, {"--base": base, "--adapter": adapter})
 
     import peft_gates
 
@@ -613,8 +636,8 @@ def plan_from_report(data: dict[str, Any]) -> Any:
 def cmd_report(args: argparse.Namespace) -> int:
     """``peft-gates report``: the compression table and plot of an adapter or an export."""
     path = _existing_dir(args.path, "PATH")
-    out = Path(args.out).expanduser() if args.out else path
-    if out.exists() and not out.is_dir():
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; pass a directory")
     if _is_adapter_dir(path):
         return _report_adapter(args, path, out)
@@ -629,7 +652,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _report_export(path, out)
 
 
-def _report_adapter(args: argparse.Namespace, adapter: Path, out: Path) -> int:
+def _report_adapter(args: argparse.Namespace, adapter: Path, out: Path | None) -> int:
     if args.base is None:
         args.subparser.error(f"{adapter} is a gate adapter: pass --base PATH, the model it was trained on")
     base = _existing_dir(args.base, "--base")
@@ -651,7 +674,7 @@ def _report_adapter(args: argparse.Namespace, adapter: Path, out: Path) -> int:
     return 0
 
 
-def _report_export(export: Path, out: Path) -> int:
+def _report_export(export: Path, out: Path | None) -> int:
     report_file = export / "compression_report.json"
     if report_file.is_file():
         from .report import report_markdown
@@ -675,9 +698,12 @@ def _report_export(export: Path, out: Path) -> int:
     return 0
 
 
-def _write_report(plan: Any, out: Path) -> None:
+def _write_report(plan: Any, out: Path | None) -> None:
     from .report import REPORT_STEM, write_report
 
+    if out is None:
+        print(f"\n(pass --out DIR to also write DIR/{REPORT_STEM}.{{json,md,png}})")
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         paths = write_report(plan, out)
@@ -687,12 +713,16 @@ def _write_report(plan: Any, out: Path) -> None:
     print(f"\nwrote {out / REPORT_STEM}.{{{names}}}")
 
 
-def _report_widths(export: Path, config: dict[str, Any], widths: list[dict[str, int]], out: Path) -> None:
+def _report_widths(
+    export: Path, config: dict[str, Any], widths: list[dict[str, int]], out: Path | None
+) -> None:
     """Table (and plot) of the per-layer widths recorded in a per-layer export's config.json."""
     from types import SimpleNamespace
 
     from .architectures import arch_spec, attention_shape
+    from .export import write_file
     from .pruning import LayerPlan, PrunePlan
+    from .report import REPORT_STEM, plot_kept_fraction
 
     model_type = str(config.get("model_type", "?")).removesuffix("_pruned")
     spec = arch_spec(model_type)
@@ -725,11 +755,10 @@ def _report_widths(export: Path, config: dict[str, Any], widths: list[dict[str, 
                 flops_after=0,
             )  # fmt: skip
         )
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        from .report import REPORT_STEM, plot_kept_fraction
-    except ImportError:  # pragma: no cover - report is part of the package
+    if out is None:
+        print(f"\n(pass --out DIR to also write the plot of these widths to DIR/{REPORT_STEM}.png)")
         return
+    out.mkdir(parents=True, exist_ok=True)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -742,7 +771,7 @@ def _report_widths(export: Path, config: dict[str, Any], widths: list[dict[str, 
         model_type=model_type, adapter_names=[], multiple_of=0, min_units=1, seq_len=0, supported=True,
         num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, layers=layers, params_total_before=0,
     )  # fmt: skip
-    png = plot_kept_fraction(plan, out / f"{REPORT_STEM}.png")
+    png = write_file(out / f"{REPORT_STEM}.png", lambda tmp: plot_kept_fraction(plan, tmp))
     print(f"\nwrote {png}")
 
 
@@ -789,10 +818,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     json_path = Path(args.json).expanduser() if args.json else None
     if json_path is not None and json_path.is_dir():
         raise CliError(f"--json {json_path} is a directory; pass a file name")
+    if json_path is not None and json_path.exists() and not args.overwrite:
+        raise CliError(f"--json {json_path} exists; pass --overwrite to replace it, or another file name")
 
     import torch
     from tqdm.auto import tqdm
 
+    from .export import write_file
     from .latency import measure_latency
 
     if args.threads:
@@ -832,7 +864,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "speedup": _speedups(results),
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2) + "\n")
+        text = json.dumps(payload, indent=2) + "\n"
+        write_file(json_path, lambda tmp: tmp.write_text(text))
         print(f"wrote {json_path}")
     return 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +28,16 @@ SCALE_SIDES = ("none", "rows", "columns", "both")
 ScaleSides = Literal["none", "rows", "columns", "both"]
 SPARSITY_SCOPES = ("layer", "global")
 SparsityScope = Literal["layer", "global"]
+#: Float fields: a string from YAML/argparse or a NaN/inf would only fail (or poison training) much later.
+_NUMBER_FIELDS = (
+    "target_sparsity",
+    "sparsity_weight",
+    "init_mean",
+    "init_std",
+    "noise_std",
+    "sigma",
+    "lora_alpha",
+)
 
 
 def _suffix_matches(module_name: str, suffixes) -> list[str]:
@@ -151,6 +163,17 @@ class GateConfig(PeftConfig):
                 f"use 'layer' (a target per gate vector, the paper's) or 'global' (one parameter budget "
                 f"shared by all layers); one of {SPARSITY_SCOPES}",
             )
+        for name in _NUMBER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                hint = (
+                    " (YAML reads 1e2 without a dot as a string: write 100.0)"
+                    if isinstance(value, str)
+                    else ""
+                )
+                raise bad(name, value, f"it must be a number, not a {type(value).__name__}{hint}")
+            if not math.isfinite(value):
+                raise bad(name, value, "it must be a finite number")
         if not 0.0 <= self.target_sparsity < 1.0:
             raise bad("target_sparsity", self.target_sparsity, "it must lie in [0, 1)")
         for name in ("sparsity_weight", "init_std", "noise_std"):
@@ -181,8 +204,15 @@ class GateConfig(PeftConfig):
             if isinstance(self.column_group_size, dict)
             else [self.column_group_size]
         )
-        if any(not isinstance(s, int) or s < 1 for s in sizes):
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
             raise bad("column_group_size", self.column_group_size, "group sizes must be integers >= 1")
+        if self.placement == "rows" and self.column_group_size != 1:
+            raise bad(
+                "column_group_size",
+                self.column_group_size,
+                "it groups column gates, and placement='rows' has none; leave it at 1 or gate columns too "
+                "(placement='columns' or 'both')",
+            )
 
     @property
     def keep(self) -> float:

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .architectures import ARCHITECTURES, PRUNED_SUFFIX, AttentionShape, attention_shape
+from .architectures import ARCHITECTURES, PRUNED_SUFFIX, AttentionShape, arch_spec, attention_shape
 from .pruning import (
     LayerConfigView,
     PrunePlan,
@@ -246,8 +246,69 @@ def _padded(kept: int, total: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+def _refuse_adapters(model: nn.Module) -> None:
+    """A model that still carries PEFT adapters would be saved as an adapter, not as a pruned model."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    wrapped = next((name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)), None)
+    if isinstance(model, (PeftModel, BaseTuner)) or wrapped is not None:
+        where = f" (adapter layer at {wrapped!r})" if wrapped else ""
+        raise TypeError(
+            f"save_pruned got a {type(model).__name__} that still carries adapters{where}; merge first and "
+            "save the result: pruned = model.merge_and_unload() (or peft_gates.prune_and_unload(model)), "
+            "then save_pruned(pruned, ...)"
+        )
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Where a directory written to ``out_dir`` lands (a symlink's target), refused unless it is missing,
+    an empty directory, or ``overwrite=True``; call it before expensive work to fail early."""
+    out = Path(out_dir).expanduser()
+    target = out.resolve() if out.is_symlink() else out
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"out_dir={str(out)!r} is a file, not a directory; pass a directory path")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"out_dir={str(out)!r} exists and is not empty; pass overwrite=True to replace it"
+        )
+    return target
+
+
+def write_directory(
+    out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False
+) -> Path:
+    """Run ``write(tmp)`` on a fresh directory next to ``out_dir`` and rename it into place, all or nothing.
+
+    ``out_dir`` must be missing or an empty directory unless ``overwrite=True``; a symlink is followed, so
+    the export lands where it points (the link stays). A failure leaves neither a half-written
+    directory nor temporary files behind, and restores what ``overwrite`` was about to replace.
+    """
+    out = Path(out_dir).expanduser()
+    target = check_out_dir(out, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        write(tmp)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temporary file next to ``path`` and rename it over ``path``: a reader never
+    sees a half-written file, and a failure leaves the old one (if any) as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_pruned(
@@ -262,10 +323,13 @@ def save_pruned(
     """Save a pruned model so it reloads exactly, all or nothing.
 
     Everything is written into a temporary directory next to ``out_dir`` and renamed into place at
-    the end, so a failure leaves neither a half-written export nor temporary files behind.
+    the end (:func:`write_directory`), so a failure leaves neither a half-written export nor temporary
+    files behind.
 
     Args:
-        model: the result of ``prune_and_unload`` (any model of a supported family works).
+        model: the result of ``prune_and_unload`` / ``merge_and_unload``. A family without an entry in
+            the architecture table had its gates folded but nothing cut out: it is saved as the stock
+            model it still is (both layouts).
         out_dir: target directory; must be missing or empty unless ``overwrite=True``.
         tokenizer: saved alongside when given. The generation config is saved when the model has one.
         layout: ``"per_layer"`` (reload via the Auto classes after ``import peft_gates``) or
@@ -275,13 +339,9 @@ def save_pruned(
             ``compression_report.{json,md,png}`` into the export.
         safe_serialization: safetensors (transformers 5 writes nothing else).
     """
-    out = Path(out_dir)
     if layout not in ("per_layer", "zero_pad"):
         raise ValueError(f"layout={layout!r} is invalid: use 'per_layer' or 'zero_pad'")
-    if out.exists() and not _is_empty_dir(out) and not overwrite:
-        raise FileExistsError(
-            f"out_dir={str(out)!r} exists and is not empty; pass overwrite=True to replace it"
-        )
+    _refuse_adapters(model)
     save_kwargs: dict[str, Any] = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         save_kwargs["safe_serialization"] = safe_serialization
@@ -290,29 +350,28 @@ def save_pruned(
             f"safe_serialization={safe_serialization} is not available: transformers "
             f"{transformers.__version__} only writes safetensors; pass safe_serialization=True"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        if layout == "zero_pad":
+
+    def write(tmp: Path) -> None:
+        if arch_spec(model.config.model_type) is None:
+            model.save_pretrained(tmp, **save_kwargs)
+        elif layout == "zero_pad":
             state, config = zero_pad_layout(model)
             model.save_pretrained(tmp, state_dict=state, **save_kwargs)
+            config.save_pretrained(tmp)
         else:
             config = pruned_config(model.config, layer_widths(model))
             stock = _stock_class(type(model))
             config.architectures = [_TWINS[stock].__name__ if stock in _TWINS else stock.__name__]
             model.save_pretrained(tmp, **save_kwargs)
-        config.save_pretrained(tmp)
+            config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             from .report import write_report
 
             write_report(report, tmp)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_directory(out_dir, write, overwrite=overwrite)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -327,7 +386,4 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     except BaseException:
         os.replace(old, out)
         raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    shutil.rmtree(old)

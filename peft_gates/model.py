@@ -89,13 +89,22 @@ class GateModel(BaseTuner):
         shape = attention_shape(spec, SimpleNamespace(**model_config))
         widths = {spec.mlp_out: 1, spec.attn_out: shape.unit_width}
         prepared = peft_config.column_group_size
-        if (
-            isinstance(prepared, dict)
-            and prepared
-            and all(widths.get(k) == v for k, v in prepared.items())
-            and isinstance(peft_config.target_modules, (set, list))
-        ):
-            return peft_config  # resolved before (a saved adapter being loaded, or a reused config)
+        if isinstance(prepared, dict) and prepared:
+            if prepared == {k: widths.get(k) for k in prepared} and isinstance(
+                peft_config.target_modules, (set, list)
+            ):
+                return peft_config  # resolved before (a saved adapter being loaded, or a reused config)
+            raise ValueError(
+                f"GateConfig.column_group_size={prepared!r} with placement='units' does not match the unit "
+                f"widths of this {model_type} model ({widths}): a GateConfig that get_peft_model already "
+                "filled in for another model, or an adapter of another model; placement='units' fills "
+                "column_group_size and target_modules itself, so pass a fresh GateConfig(...) per model"
+            )
+        if prepared != 1:
+            raise ValueError(
+                f"GateConfig.column_group_size={prepared!r} is set by placement='units' itself (each unit "
+                "module's unit width, from the architecture table); leave it at its default 1"
+            )
         requested = peft_config.target_modules
         if requested is None or requested == "all-linear":
             chosen = set(widths)
@@ -139,6 +148,13 @@ class GateModel(BaseTuner):
         # AVX512-BF16 into a layout without backward: gates would silently stop training.
         disable_cpu_repacking(model)
         layers = self.gated_layers(adapter_name)
+        if isinstance(config.column_group_size, dict):
+            unused = [k for k in config.column_group_size if not any(_suffix_matches(n, [k]) for n in layers)]
+            if unused:
+                raise ValueError(
+                    f"GateConfig.column_group_size names {unused}, which match(es) no gated module (gated: "
+                    f"{sorted(layers)[:3]}...); use suffixes of the gated modules' names, e.g. 'o_proj'"
+                )
         terms = sum(1 for layer in layers.values() if layer.regularized[adapter_name])
         coefficient = SparsityCoefficient(config.lambda_at(0), num_terms=terms)
         if config.sparsity_scope == "global":

@@ -828,6 +828,11 @@ def prune_and_unload(
         dtype: dtype of layers rebuilt from quantized (bitsandbytes) bases; default: their compute
             dtype, else their bias dtype, else fp32. Float layers keep their dtype.
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype={dtype!r} is invalid: pass a torch.dtype such as torch.bfloat16 (or None for the "
+            "default); it sets the dtype of layers rebuilt from quantized weights, float layers keep theirs"
+        )
     plan = plan_pruning(peft_model, adapter_name, multiple_of=multiple_of, min_units=min_units)
     tuner = _tuner(peft_model)
     gated = [m for m in tuner.model.modules() if isinstance(m, GateLayer)]

@@ -346,6 +346,7 @@ def requantize(
     quantization_config,
     save_directory: str | None = None,
     device_map: str | dict | None = "cpu",
+    overwrite: bool = False,
 ) -> nn.Module:
     """Re-quantize a merged (pruned, dense) model with ``quantization_config`` for deployment in 4/8 bit.
 
@@ -359,11 +360,16 @@ def requantize(
     quantization block: columns scaled by fractional gates get a fresh rounding (about as large as the
     original, ~8% for nf4), while layers left unchanged or only cut by whole rows re-quantize exactly (or
     within ~2e-3 with double quant, whose absmax is re-rounded); see ``integrations/quantized/README.md``.
-    ``model`` loses its quantizer bookkeeping (:func:`mark_dequantized`).
+    ``model`` loses its quantizer bookkeeping (:func:`mark_dequantized`). ``save_directory`` must be missing
+    or empty unless ``overwrite=True``, and is written all or nothing (``peft_gates.export.write_directory``).
     """
     import tempfile
     from pathlib import Path
 
+    from .export import check_out_dir, write_directory
+
+    if save_directory is not None:
+        check_out_dir(save_directory, overwrite)
     mark_dequantized(model)
     with tempfile.TemporaryDirectory(prefix="peft_gates_requant_") as tmp:
         path = Path(tmp) / "dense"
@@ -390,5 +396,5 @@ def requantize(
             ):
                 raise RuntimeError(f"re-quantized {name!r} has shape {shape}, expected {dense_shapes[name]}")
     if save_directory is not None:
-        quantized.save_pretrained(save_directory)
+        write_directory(save_directory, quantized.save_pretrained, overwrite=overwrite)
     return quantized

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .export import write_file
 from .pruning import PrunePlan
 
 REPORT_STEM = "compression_report"
@@ -121,13 +122,15 @@ def write_report(plan: PrunePlan, out_dir: str | os.PathLike, stem: str = REPORT
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``.
 
     The PNG needs matplotlib (optional) and a supported family (per-layer figures); without them the
-    text reports are still written.
+    text reports are still written. Each file is replaced whole (:func:`~peft_gates.export.write_file`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(report_dict(plan), indent=2) + "\n")
-    paths[1].write_text(report_markdown(plan))
+    text = json.dumps(report_dict(plan), indent=2) + "\n"
+    paths = [
+        write_file(out / f"{stem}.json", lambda tmp: tmp.write_text(text)),
+        write_file(out / f"{stem}.md", lambda tmp: tmp.write_text(report_markdown(plan))),
+    ]
     if not plan.layers:
         return paths
     try:
@@ -139,5 +142,5 @@ def write_report(plan: PrunePlan, out_dir: str | os.PathLike, stem: str = REPORT
             stacklevel=2,
         )
         return paths
-    paths.append(plot_kept_fraction(plan, out / f"{stem}.png"))
+    paths.append(write_file(out / f"{stem}.png", lambda tmp: plot_kept_fraction(plan, tmp)))
     return paths

@@ -81,6 +81,12 @@ def gate_model_of(model: nn.Module) -> GateModel:
 
 
 def _adapter(gate_model: GateModel, adapter_name: str | None) -> str:
+    """``adapter_name`` (default: the active adapter), refused when the model has no such adapter."""
+    if adapter_name is not None and adapter_name not in gate_model.peft_config:
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is not an adapter of this model; pass one of "
+            f"{sorted(gate_model.peft_config)} (or None for the active adapter)"
+        )
     return adapter_name or gate_model.active_adapters[0]
 
 
@@ -551,6 +557,13 @@ def attach(
         >>> peft_gates.training.attach(trainer)
         >>> trainer.train()
     """
+    if removable_multiple_of is not None and (
+        not isinstance(removable_multiple_of, int) or removable_multiple_of < 1
+    ):
+        raise ValueError(
+            f"attach(removable_multiple_of={removable_multiple_of!r}) is invalid: use an integer >= 1 (the "
+            "width alignment of the logged removable share; 1 = none) or None to skip that metric"
+        )
     for message in check_trainer(trainer, adapter_name):
         warnings.warn(message, stacklevel=2)
     gate_model = gate_model_of(trainer.model)

@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import VOCAB, tiny_config, tiny_inputs, tiny_model
 
 import peft_gates
+from peft_gates import GateConfig
 from peft_gates.cli import main
 from peft_gates.latency import measure_latency
 from peft_gates.pruning import layer_widths
@@ -63,6 +64,10 @@ def saved(tmp_path_factory) -> dict:
     with torch.no_grad():
         logits = model.eval()(x).logits
     return {"root": root, "base": root / "base", "adapter": root / "adapter", "x": x, "logits": logits}
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -260,7 +265,53 @@ def test_prune_missing_paths(saved, tmp_path, capsys):
         capsys, "prune", "--base", saved["base"], "--adapter", saved["base"], "--out", tmp_path / "o"
     )
     assert_user_error(code, err, "no adapter_config.json")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(saved["adapter"] / "adapter_config.json", partial)
+    code, _, err = run(
+        capsys, "prune", "--base", saved["base"], "--adapter", partial, "--out", tmp_path / "o"
+    )
+    assert_user_error(code, err, "--adapter", "no adapter_model.safetensors", "whole directory")
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_refuses_an_out_that_is_or_holds_an_input(saved, tmp_path, capsys):
+    """--overwrite would otherwise delete the adapter or the base the export is built from."""
+    project = tmp_path / "project"
+    shutil.copytree(saved["adapter"], project / "adapter")
+    shutil.copytree(saved["base"], project / "base")
+    before = {name: listing(project / name) for name in ("adapter", "base")}
+    for out, named in ((project / "adapter", "--adapter"), (project, "--base")):
+        code, _, err = run(capsys, "prune", "--base", project / "base", "--adapter", project / "adapter",
+                           "--out", out, "--overwrite")  # fmt: skip
+        assert_user_error(code, err, f"--out {out} is or contains {named}", "another --out")
+    assert {name: listing(project / name) for name in ("adapter", "base")} == before
+
+
+def test_prune_a_family_without_a_table_entry_saves_it_folded(tmp_path, capsys):
+    """OPT has no architecture entry: the gates are folded into the stock model, which is saved as is."""
+    config = transformers.OPTConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "base")
+    gated = get_peft_model(transformers.OPTForCausalLM.from_pretrained(tmp_path / "base"), GateConfig())
+    gated.save_pretrained(tmp_path / "adapter")
+    code, out, err = run(
+        capsys,
+        "prune",
+        "--base",
+        tmp_path / "base",
+        "--adapter",
+        tmp_path / "adapter",
+        "--out",
+        tmp_path / "o",
+    )
+    assert code == 0, err
+    assert "opt has no architecture entry" in out and "nothing was cut out" in out
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert type(reloaded) is transformers.OPTForCausalLM
 
 
 def test_prune_adapter_base_mismatch(saved, tmp_path, capsys):
@@ -352,14 +403,26 @@ def test_report_on_an_export_reads_its_report(saved, tmp_path, capsys):
 
     for name in ("compression_report.json", "compression_report.md", "compression_report.png"):
         (export / name).unlink()
-    code, out, err = run(capsys, "report", export)
+    before = listing(export)
+    code, out, err = run(capsys, "report", export)  # no --out: the export is read, never written
     assert code == 0, err
-    assert "| 0 | 32 of 64 |" in out and "| 1 | 48 of 64 |" in out
-    assert (export / "compression_report.png").exists()
+    assert "| 0 | 32 of 64 |" in out and "| 1 | 48 of 64 |" in out and "pass --out DIR" in out
+    assert listing(export) == before
+    code, out, err = run(capsys, "report", export, "--out", tmp_path / "plot")
+    assert code == 0, err
+    assert listing(tmp_path / "plot") == ["compression_report.png"]
 
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(export), "--multiple-of", "1"])
     assert exit_info.value.code == 2 and "applies only to an adapter" in capsys.readouterr().err
+
+
+def test_report_without_out_leaves_the_adapter_as_it_was(saved, capsys):
+    before = listing(saved["adapter"])
+    code, out, err = run(capsys, "report", saved["adapter"], "--base", saved["base"])
+    assert code == 0, err
+    assert "| layer | neurons kept |" in out and "pass --out DIR" in out
+    assert listing(saved["adapter"]) == before
 
 
 def test_report_refuses_a_plain_checkpoint(saved, capsys):
@@ -387,6 +450,11 @@ def test_bench_prints_a_table_and_writes_json(saved, tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["results"]["pruned"]["parameters"] < data["results"]["dense"]["parameters"]
     assert data["results"]["dense"]["decode_tokens_per_s"] > 0 and data["speedup"]["prefill"] > 0
+    code, _, err = run(
+        capsys, "bench", "--dense", saved["base"], "--pruned", export, "--json", tmp_path / "bench.json"
+    )
+    assert_user_error(code, err, "bench.json exists", "--overwrite")
+    assert json.loads((tmp_path / "bench.json").read_text()) == data
 
 
 def test_bench_errors(saved, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 import transformers
 from test_pruning import ARCHS, assert_close, auto_class, gated_model, inputs, logits
 
-from peft_gates.export import register_pruned_architectures, save_pruned
+from peft_gates.export import register_pruned_architectures, save_pruned, write_file
 from peft_gates.pruning import layer_widths, plan_pruning, prune_and_unload
 from peft_gates.report import report_dict, report_markdown, write_report
 
@@ -138,6 +138,53 @@ def test_failed_save_leaves_nothing_behind(existing: bool, tmp_path: Path, monke
     assert listing(tmp_path) == (["out"] if existing else [])
     if existing:
         assert listing(out) == ["old.txt"]
+
+
+def test_a_model_that_still_carries_gates_is_refused(tmp_path: Path) -> None:
+    """Saving before the merge would write an adapter (or a model with random blocks) as the export."""
+    peft_model, _ = gated_model("llama", "units")
+    with pytest.raises(TypeError, match="PeftModel that still carries adapters.*merge_and_unload"):
+        save_pruned(peft_model, tmp_path / "a")
+    with pytest.raises(TypeError, match="GateModel .*adapter layer at .*merge_and_unload"):
+        save_pruned(peft_model.base_model, tmp_path / "b")
+    assert listing(tmp_path) == []
+
+
+def test_a_symlinked_out_dir_receives_the_export(tmp_path: Path) -> None:
+    """out_dir may point elsewhere (a bigger disk): the export lands there and the link stays."""
+    model, _, reference = pruned("llama")
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk")
+    assert save_pruned(model, tmp_path / "link") == tmp_path / "link"
+    assert (tmp_path / "link").is_symlink() and "model.safetensors" in listing(tmp_path / "disk")
+    assert listing(tmp_path) == ["disk", "link"]
+    save_pruned(model, tmp_path / "link", overwrite=True)  # replacing keeps the link too
+    assert (tmp_path / "link").is_symlink() and listing(tmp_path) == ["disk", "link"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "link").eval()
+    assert_close(logits(reloaded, inputs()), reference)
+
+
+def test_a_file_is_never_replaced_by_an_export(tmp_path: Path) -> None:
+    model, _, _ = pruned("llama")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt' is a file, not a directory"):
+        save_pruned(model, tmp_path / "notes.txt", overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_file_write_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "compression_report.json"
+    target.write_text("old")
+
+    def half_written(tmp: Path) -> None:
+        tmp.write_text("{")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_file(target, half_written)
+    assert target.read_text() == "old" and listing(tmp_path) == ["compression_report.json"]
+    write_file(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and listing(tmp_path) == ["compression_report.json"]
 
 
 def test_bad_layout_is_refused(tmp_path: Path) -> None:

@@ -331,6 +331,14 @@ def test_lora_model_is_refused() -> None:
         prune_and_unload(lora)
 
 
+def test_a_dtype_given_as_a_string_is_refused() -> None:
+    peft_model, _ = gated_model("llama", "units")
+    with pytest.raises(
+        TypeError, match="dtype='bfloat16' is invalid: pass a torch.dtype such as torch.bfloat16"
+    ):
+        prune_and_unload(peft_model, dtype="bfloat16")
+
+
 def test_unmerged_lora_layers_under_gates_are_refused() -> None:
     base = inject_adapter_in_model(LoraConfig(target_modules=["q_proj"], r=2), tiny_model("llama"))
     peft_model = get_peft_model(base, peft_gates.GateConfig(placement="units"))
@@ -338,7 +346,8 @@ def test_unmerged_lora_layers_under_gates_are_refused() -> None:
         plan_pruning(peft_model)
 
 
-def test_unknown_architecture_folds_with_a_warning() -> None:
+def test_unknown_architecture_folds_with_a_warning(tmp_path) -> None:
+    """A family without a table entry is folded, not cut, and saves (both layouts) as the stock model."""
     torch.manual_seed(0)
     config = transformers.OPTConfig(
         vocab_size=VOCAB,
@@ -363,6 +372,11 @@ def test_unknown_architecture_folds_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="model_type='opt'.*ArchSpec"):
         pruned = prune_and_unload(peft_model)
     assert_close(logits(pruned, x), reference)
+    for layout in ("per_layer", "zero_pad"):
+        peft_gates.save_pruned(pruned, tmp_path / layout, layout=layout, report=plan)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / layout).eval()
+        assert type(reloaded) is transformers.OPTForCausalLM
+        assert_close(logits(reloaded, x), reference)
     assert n_params(pruned) == plan.params_total_before
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -454,6 +455,14 @@ def test_requantize_round_trip(base_dir, tmp_path):
     disable_cpu_repacking(reloaded)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, requantized, rtol=0, atol=0)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="mine' exists and is not empty; pass overwrite=True"):
+        requantize(copy.deepcopy(dense), config, save_directory=str(mine))
+    assert os.listdir(mine) == ["config.json"] and (mine / "config.json").read_text() == "{}"
+    requantize(copy.deepcopy(dense), config, save_directory=str(mine), overwrite=True)
+    assert "model.safetensors" in os.listdir(mine) and sorted(os.listdir(tmp_path)) == ["mine", "q"]
 
 
 # ----------------------------------------------------------------------------------------------- TRL

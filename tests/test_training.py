@@ -575,6 +575,10 @@ def test_refuses_setups_where_the_term_would_silently_not_apply(tmp_path):
     merged.base_model.model.model.layers[0].mlp.down_proj.merge()
     with pytest.raises(ValueError, match="merged"):
         attach(trainer_for(merged))
+    with pytest.raises(ValueError, match=r"adapter_name='typo' is not an adapter.*\['default'\]"):
+        attach(trainer_for(g.gated_model()), adapter_name="typo")
+    with pytest.raises(ValueError, match="removable_multiple_of=0.*integer >= 1.*None"):
+        attach(trainer_for(g.gated_model()), removable_multiple_of=0)
 
 
 def _gate_lm_head(trainer) -> None:

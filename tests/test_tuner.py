@@ -202,6 +202,53 @@ def test_config_rejects_bad_values():
             GateConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("sparsity_weight", "1e2", "not a str .*YAML.*100.0"),  # PyYAML reads 1e2 as a string
+        ("target_sparsity", "0.5", "not a str"),
+        ("lora_alpha", None, "not a NoneType"),
+        ("init_mean", True, "not a bool"),
+        ("sparsity_weight", float("nan"), "finite"),
+        ("sigma", float("inf"), "finite"),
+        ("init_std", float("inf"), "finite"),
+        ("init_mean", float("nan"), "finite"),
+    ],
+)
+def test_config_rejects_non_numbers_naming_the_field(field, value, says):
+    """A string from a YAML/argparse config or a NaN would otherwise fail with a bare TypeError, or pass
+    and turn every gate gradient into NaN."""
+    with pytest.raises(ValueError, match=f"GateConfig.{field}=.*{says}"):
+        GateConfig(**{field: value})
+
+
+def test_config_accepts_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    assert GateConfig(sparsity_weight=np.float32(10.0), target_sparsity=np.float64(0.4)).keep == 0.6
+
+
+def test_column_groups_refused_where_they_would_be_ignored():
+    with pytest.raises(ValueError, match="column_group_size=8.*placement='rows' has none"):
+        GateConfig(placement="rows", column_group_size=8)
+    with pytest.raises(ValueError, match="column_group_size=True"):
+        GateConfig(column_group_size=True)
+    with pytest.raises(ValueError, match=r"column_group_size=64 is set by placement='units'.*default 1"):
+        get_peft_model(tiny_model("llama"), GateConfig(placement="units", column_group_size=64))
+    with pytest.raises(ValueError, match=r"names \['o_prj'\], which match\(es\) no gated module.*o_proj"):
+        get_peft_model(tiny_model("llama"), GateConfig(column_group_size={"o_prj": 8}))
+
+
+def test_a_units_config_filled_in_for_one_family_is_refused_on_another():
+    """``get_peft_model`` writes the unit modules into the config (as PEFT does with target_modules), so
+    the same object on another family names modules that family does not have: say so."""
+    config = GateConfig(placement="units")
+    get_peft_model(tiny_model("llama"), config)
+    with pytest.raises(ValueError, match="column_group_size=.*already filled in.*fresh GateConfig"):
+        get_peft_model(tiny_model("gpt2"), config)
+    again = get_peft_model(tiny_model("llama"), config)  # the same family takes it as it is
+    assert again.peft_config["default"].column_group_size == config.column_group_size
+
+
 def test_recovery_must_start_after_the_sparsity_term():
     with pytest.raises(ValueError, match="recovery_start_step=5 .*sparsity_start_step=5.*0 for no"):
         GateConfig(sparsity_start_step=5, recovery_start_step=5)

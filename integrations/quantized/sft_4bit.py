@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> Path:
     pruned.save_pretrained(out / "pruned")  # reloads with AutoModelForCausalLM after `import peft_gates`
     tokenizer.save_pretrained(out / "pruned")
     if args.requantize:
-        requantize(pruned, quantization_config(False), save_directory=str(out / "pruned-nf4"))
+        # this script's own subfolder: every run rewrites it, like out/adapter and out/pruned above
+        requantize(pruned, quantization_config(False), save_directory=str(out / "pruned-nf4"), overwrite=True)
         tokenizer.save_pretrained(out / "pruned-nf4")
     logger.info("wrote %s", out)
     return out
