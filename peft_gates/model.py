@@ -244,6 +244,8 @@ class GateModel(BaseTuner):
         ``Trainer``/``SFTTrainer``. ``gradient_accumulation_steps`` divides the injected gradient like
         the averaged loss is divided; ``loss_scale`` is the current fp16 loss scale (1.0 otherwise).
         """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} is invalid: pass the optimizer step, an integer >= 0")
         if gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be >= 1")
         for name, coef in self.sparsity_coefficients.items():

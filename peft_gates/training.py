@@ -23,6 +23,8 @@ eval value is exactly 0; scale gates are left out),
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -134,9 +136,13 @@ def optimizer_groups(
         for side, param in module.gate_vectors(adapter).items()
         if side not in regularized
     }
+    for name, value in (("lr", lr), ("lora_lr", lora_lr), ("other_lr", other_lr), ("scale_lr", scale_lr)):
+        if value is not None and not (isinstance(value, numbers.Real) and 0 <= value < math.inf):
+            raise ValueError(
+                f"optimizer_groups({name}={value!r}) is invalid: use a finite number >= 0 "
+                "(0 freezes its group)"
+            )
     if scale_lr is not None:
-        if scale_lr < 0:
-            raise ValueError(f"scale_lr={scale_lr} is invalid: it must be >= 0 (0 freezes the scale gates)")
         if not scale_ids:
             raise ValueError(
                 f"scale_lr={scale_lr} but the model has no scale gates (GateConfig.scale_gates='none'); "

@@ -178,6 +178,8 @@ def test_recovery_phase_trains_exactly_the_model_the_merge_makes():
     batch = {k: v[None] for k, v in g.RowsDataset(g.token_rows())[0].items()}
     tuner = gate_model_of(model)
     coef = tuner.sparsity_coefficients["default"]
+    with pytest.raises(ValueError, match="step=None is invalid: pass the optimizer step"):
+        set_sparsity_step(model, None)
     set_sparsity_step(model, 1)
     assert coef.weight == 5.0 and not coef.recovering
     noisy = model(**batch).logits
@@ -667,6 +669,10 @@ def test_optimizer_groups_give_scale_gates_their_own_lr():
     assert [len(group["params"]) for group in optimizer_groups(model, lr=2e-2)] == [len(units | scales)]
     with pytest.raises(ValueError, match="scale_lr=-1.*>= 0"):
         optimizer_groups(model, lr=2e-2, scale_lr=-1.0)
+    with pytest.raises(ValueError, match=r"optimizer_groups\(lr=-0.1\) is invalid.*finite number >= 0"):
+        optimizer_groups(model, lr=-0.1)
+    with pytest.raises(ValueError, match=r"optimizer_groups\(other_lr=nan\)"):
+        optimizer_groups(model, lr=2e-2, other_lr=float("nan"))
     with pytest.raises(ValueError, match="scale_lr=0.001.*no scale gates.*scale_gates="):
         optimizer_groups(g.gated_model(), lr=2e-2, scale_lr=1e-3)
 
