@@ -84,14 +84,15 @@ PATH is either
   * a gate adapter directory (adapter_config.json; needs --base): the plan of the merge it would get, or
   * a pruned export written by `peft-gates prune` / peft_gates.save_pruned: its compression_report.json,
     or, when the export has none, the per-layer widths recorded in its config.json.
-Prints the table and writes compression_report.{json,md,png} into --out (default: PATH).
+Prints the table; with --out DIR it also writes compression_report.{json,md,png} into DIR. Without --out
+nothing is written, so the adapter or export it reads is never changed.
 """
 
 REPORT_EPILOG = """\
 examples:
   peft-gates report ./adapter --base ./base                  # plan with kept widths rounded up to 128
   peft-gates report ./adapter --base ./base --multiple-of 1  # the exact closed-unit counts
-  peft-gates report ./pruned --out ./report                  # an export's report, written elsewhere
+  peft-gates report ./pruned --out ./report                  # an export's report, also written to ./report
 """
 
 BENCH_DESCRIPTION = """\
