@@ -58,19 +58,20 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
 
 
 def main() -> None:
+    sys.path.insert(0, str(INTEGRATION_DIR))
+    from train_loop import positive_int, train
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few steps, temp dir")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--train-size", type=int, default=1200)
+    parser.add_argument("--steps", type=positive_int, default=150, help="optimizer steps")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    parser.add_argument("--train-size", type=positive_int, default=1200)
     parser.add_argument("--out", default="gates-accelerate", help="output directory")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # train() logs its metrics every 10 steps
-    sys.path.insert(0, str(INTEGRATION_DIR))
-    from train_loop import train
 
     if args.smoke:
         import _smoke

@@ -410,6 +410,26 @@ def test_plain_accelerate_loop_matches_trainer(tmp_path_factory):
     assert_same(ref, result)
 
 
+def test_accelerate_loop_starts_a_step_after_every_sync(monkeypatch):
+    """3 micro-batches per pass at GA 2: accelerate also steps at the end of each pass, so steps hold
+    2, 1, 2, 1 micro-batches, and each must get its own set_sparsity_step before its first one."""
+    from accelerate import Accelerator
+
+    loop = _load_integration("accelerate/train_loop.py")
+    calls = []
+    monkeypatch.setattr(loop, "set_sparsity_step", lambda model, step, acc: calls.append(step))
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    model = g.gated_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    loader = torch.utils.data.DataLoader(g.RowsDataset(g.token_rows()[:3]), batch_size=1, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    history = loop.train(model, loader, optimizer, accelerator, max_steps=4)
+    assert calls == [0, 1, 2, 3] and [h["step"] for h in history] == [1, 2, 3, 4]
+    empty = accelerator.prepare(torch.utils.data.DataLoader([], batch_size=1))
+    with pytest.raises(ValueError, match="yielded no batch"):
+        loop.train(model, empty, optimizer, accelerator, max_steps=1)
+
+
 # --------------------------------------------------------------------------------------------- SFTTrainer
 
 

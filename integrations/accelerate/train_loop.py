@@ -50,31 +50,37 @@ def train(
     ``accelerator.prepare``; gradient accumulation follows ``accelerator.gradient_accumulation_steps``.
     """
     history: list[dict[str, float]] = []
-    step, micro, window_loss = 0, 0, 0.0
+    step, window = 0, []
+    starts_step = True  # the next micro-batch opens an optimizer step
     model.train()
     while step < max_steps:
+        empty = True
         for batch in batches:
-            if micro % accelerator.gradient_accumulation_steps == 0:
-                # Start of an optimizer step: lambda from the schedule, gradient scale for GA / fp16.
+            empty = False
+            if starts_step:
+                # lambda from the schedule, gradient scale for GA / fp16. Not `micro % GA == 0`: accelerate
+                # also steps at the end of every pass over the loader, so the next step starts right after.
                 set_sparsity_step(model, step, accelerator)
+                starts_step = False
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
-            micro += 1
-            window_loss += loss.detach().float().item() / accelerator.gradient_accumulation_steps
+            window.append(loss.detach().float().item())
             if accelerator.sync_gradients:
                 loss_avg = accelerator.reduce(
-                    torch.tensor(window_loss, device=accelerator.device), "mean"
+                    torch.tensor(sum(window) / len(window), device=accelerator.device), "mean"
                 ).item()
                 record = {"step": step + 1, "loss": loss_avg, **gate_metrics(model)}
                 history.append(record)
                 if log_every and (step + 1) % log_every == 0 and accelerator.is_main_process:
                     logger.info("%s", record)
-                step, window_loss = step + 1, 0.0
+                step, window, starts_step = step + 1, [], True
                 if step >= max_steps:
                     break
+        if empty:
+            raise ValueError("the dataloader yielded no batch: give it training data (it has length 0)")
     return history
 
 
@@ -92,13 +98,21 @@ def _tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: a size or step count of 0 or less would train nothing."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_path", default=None, help="local model dir; default: a tiny random Llama")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=16)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=20)
+    parser.add_argument("--batch_size", type=positive_int, default=4)
+    parser.add_argument("--seq_len", type=positive_int, default=16)
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--sparsity_weight", type=float, default=50.0)
     parser.add_argument("--target_sparsity", type=float, default=0.3)
