@@ -177,6 +177,8 @@ class GateLayer(BaseTunerLayer):
         training (noise-free in the recovery phase, where lambda is 0 too); the deterministic eval values
         (still differentiable) otherwise."""
         vectors = self.gate_vectors(adapter_name)
+        if not vectors:  # an active adapter that does not gate this layer (other target_modules)
+            return {}
         if not self.training:
             return {side: gates.eval_value(theta) for side, theta in vectors.items()}
         cfg = self.gate_settings[adapter_name]
@@ -215,7 +217,7 @@ class GateLayer(BaseTunerLayer):
             )
         names = [
             name
-            for name in adapter_names or self.active_adapters
+            for name in (self.active_adapters if adapter_names is None else adapter_names)
             if name not in self.merged_adapters and self.gate_vectors(name)
         ]
         if not names:

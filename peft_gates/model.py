@@ -223,6 +223,16 @@ class GateModel(BaseTuner):
             dtype=dtype,
         )
 
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's in-place merge, refusing adapter names this model does not have (PEFT skips them)."""
+        unknown = [name for name in adapter_names or () if name not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"adapter_names={adapter_names!r} names {unknown}, not adapters of this model; pass some of "
+                f"{sorted(self.peft_config)} (or None for the active ones)"
+            )
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # On unload BaseTuner copies child.weight onto the unwrapped module; a modules_to_save head without
         # .weight (RobertaClassificationHead) would raise AttributeError there.

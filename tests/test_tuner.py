@@ -159,6 +159,26 @@ def test_multiple_adapters_set_disable_delete():
     assert "other" not in model.base_model.sparsity_coefficients
 
 
+def test_two_active_adapters_on_different_modules_train_and_merge():
+    """Each layer applies the active adapters it carries (as PEFT's LoRA does); merging names only
+    adapters the model has, and an empty list merges none."""
+    base = tiny_model("llama")
+    x = tiny_inputs()
+    model = get_peft_model(base, GateConfig(placement="rows", target_modules=["q_proj"]))
+    model.add_adapter("mlp", GateConfig(placement="rows", target_modules=["down_proj"]))
+    model.base_model.set_adapter(["default", "mlp"])
+    model.train()
+    model(x, labels=x).loss.backward()  # a layer with one of the two adapters used to raise KeyError
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.endswith("peft_gates_row.default") for n in grads)
+    assert any(n.endswith("peft_gates_row.mlp") for n in grads)
+    model.eval()
+    with pytest.raises(ValueError, match=r"names \['typo'\], not adapters.*\['default', 'mlp'\]"):
+        model.base_model.merge_adapter(["typo"])
+    model.base_model.merge_adapter([])
+    assert not any(m.merged for m in model.modules() if isinstance(m, GateLayer))
+
+
 def test_training_moves_toward_target_and_lambda_zero_closes_nothing():
     """AdamW at lr 1e-2 for 120 steps: lambda=50 closes about half the gates, lambda=0 none."""
 
