@@ -35,18 +35,20 @@ from peft_gates import assets, latency
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-size", type=int, default=800, help="training sentences (default 800)")
-    p.add_argument("--test-size", type=int, default=200, help="held-out sentences scored (default 200)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--train-size", type=positive_int, default=800, help="training sentences (default 800)")
+    p.add_argument(
+        "--test-size", type=positive_int, default=200, help="held-out sentences scored (default 200)"
+    )
+    p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--lr", type=float, default=5e-2, help="learning rate of the gates (default 5e-2)")
     p.add_argument("--placement", default="units", choices=["units", "both", "rows", "columns"])
     p.add_argument(
         "--scale-gates",
-        default="both",
+        default=None,
         choices=["none", "rows", "columns", "both"],
         help="with --placement units: per-channel scale gates on every block Linear, outside the sparsity "
-        "term (default both)",
+        "term (default both; none with the other placements)",
     )
     p.add_argument("--target-sparsity", type=float, default=0.3)
     p.add_argument("--sparsity-weight", type=float, default=50.0, help="lambda (default 50)")
@@ -69,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="scale of the open probability (default 0.25, steeper than the paper's 0.5: the term is then "
         "met by closing gates rather than by scaling all of them down)",
     )
-    p.add_argument("--multiple-of", type=int, default=64, help="round kept MLP widths to this multiple")
+    p.add_argument(
+        "--multiple-of", type=positive_int, default=64, help="round kept MLP widths to this multiple"
+    )
     p.add_argument("--out", default="outputs/main_job", help="where the adapter and pruned model go")
     p.add_argument(
         "--prompt-style",
@@ -78,7 +82,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="plain one-line prompt (default; a third of the tokens) or the chat template",
     )
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.scale_gates is None:
+        args.scale_gates = "both" if args.placement == "units" else "none"
+    elif args.scale_gates != "none" and args.placement != "units":
+        p.error(
+            f"--scale-gates {args.scale_gates} needs --placement units; drop it or pass --scale-gates none"
+        )
+    if args.steps <= args.sparsity_start:
+        p.error(
+            f"--steps {args.steps} ends before the sparsity term starts (--sparsity-start "
+            f"{args.sparsity_start}), so no gate would close; raise --steps or lower --sparsity-start"
+        )
+    return args
+
+
+def positive_int(text: str) -> int:
+    """argparse type for sizes and counts (0 or less would train or score nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def count_parameters(model) -> int:

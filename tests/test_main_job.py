@@ -30,6 +30,24 @@ def test_defaults_are_the_documented_recipe():
     assert (args.sparsity_start, args.sparsity_warmup, args.target_sparsity) == (40, 40, 0.3)
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--placement", "both", "--scale-gates", "rows"], "--scale-gates rows needs --placement units"),
+        (["--steps", "30"], "--steps 30 ends before the sparsity term starts"),
+        (["--test-size", "0"], "0 is not a positive integer"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_loads(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _load_main_job().parse_args(argv)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_other_placements_default_to_no_scale_gates():
+    assert _load_main_job().parse_args(["--placement", "both"]).scale_gates == "none"
+
+
 @pytest.mark.slow
 def test_main_job_end_to_end_small(tmp_path):
     from peft_gates import assets
