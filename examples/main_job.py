@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["train_log"] = [h for h in trainer.state.log_history if "loss" in h]
     peft_model.save_pretrained(out / "adapter")
 
-    stats = peft_gates.gate_statistics(peft_model)
+    stats = peft_gates.gate_statistics(peft_model, multiple_of=args.multiple_of)
     print(stats.summary())
     results["gate_statistics"] = {k: v for k, v in stats.to_dict().items() if k != "layers"}
     results["gated_accuracy"] = assets.lm_accuracy(peft_model, tokenizer, test, style=args.prompt_style)

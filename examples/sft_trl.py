@@ -87,7 +87,7 @@ def main() -> None:
 
     gated = trainer.model
     trainer.save_model(str(out / "adapter"))  # the adapter: gates only, a few KB
-    print(peft_gates.gate_statistics(gated).summary())
+    print(peft_gates.gate_statistics(gated, multiple_of=args.multiple_of).summary())
     print(f"gated accuracy: {assets.lm_accuracy(gated, tokenizer, test):.1%}")
 
     plan = peft_gates.plan_pruning(gated, multiple_of=args.multiple_of)

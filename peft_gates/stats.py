@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import gates
+from .pruning import DEFAULT_MULTIPLE_OF, plan_pruning
 
 
 @dataclass
@@ -60,6 +61,8 @@ class GateStats:
     layers: list[LayerStats]
     total_parameters: int
     removable_parameters: int | None = None
+    #: the merge's ``multiple_of`` that ``removable_parameters`` was planned with
+    removable_multiple_of: int | None = None
     extra: dict = field(default_factory=dict)
     sparsity_scope: str = "layer"
 
@@ -130,6 +133,7 @@ class GateStats:
             "total_parameters": self.total_parameters,
             "removable_parameters": self.removable_parameters,
             "removable_fraction": self.removable_fraction,
+            "removable_multiple_of": self.removable_multiple_of,
             "layers": [
                 {"name": layer.name, **{side: asdict(s) for side, s in layer.sides.items()}}
                 for layer in self.layers
@@ -149,8 +153,9 @@ class GateStats:
         ]
         if self.removable_parameters is not None:
             lines.append(
-                f"  removable by the merge: {self.removable_parameters:,} of {self.total_parameters:,} "
-                f"parameters ({100 * self.removable_fraction:.1f}%)"
+                f"  removable by the merge (multiple_of={self.removable_multiple_of}): "
+                f"{self.removable_parameters:,} of {self.total_parameters:,} parameters "
+                f"({100 * self.removable_fraction:.1f}%)"
             )
         return "\n".join(lines)
 
@@ -199,11 +204,17 @@ def _unwrap_tuner(model: nn.Module):
     )
 
 
-def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan: bool = True) -> GateStats:
+def gate_statistics(
+    model: nn.Module,
+    adapter_name: str | None = None,
+    with_plan: bool = True,
+    multiple_of: int = DEFAULT_MULTIPLE_OF,
+) -> GateStats:
     """Per-layer and total gate statistics of ``adapter_name`` (default: the active adapter).
 
-    ``with_plan`` also asks the pruning planner how many parameters the merge would remove; it is
-    cheap (no weights are touched) but skipped for architectures the planner does not know.
+    ``with_plan`` also asks the pruning planner how many parameters the merge would remove with kept
+    MLP widths rounded up to ``multiple_of`` (pass the value you will merge with: the count depends on
+    it); it is cheap (no weights are touched) but skipped for architectures the planner does not know.
     """
     tuner = _unwrap_tuner(model)
     adapter_name = adapter_name or tuner.active_adapters[0]
@@ -234,13 +245,18 @@ def gate_statistics(model: nn.Module, adapter_name: str | None = None, with_plan
     scope = config.sparsity_scope
     stats = GateStats(adapter_name, config.target_sparsity, layers, total, sparsity_scope=scope)
     if with_plan:
-        from .pruning import plan_pruning
-
-        plan = plan_pruning(model, adapter_name)
+        vectors = [
+            p
+            for layer in tuner.gated_layers(adapter_name).values()
+            for p in layer.gate_vectors(adapter_name).values()
+        ]
+        with gathered(vectors):  # the planner reads every gate: gather them under ZeRO-3
+            plan = plan_pruning(model, adapter_name, multiple_of=multiple_of)
         if plan.supported:
             # the plan counts logical weights (packed 4-bit ones unpacked, modules_to_save once)
             stats.removable_parameters = plan.params_removed
             stats.total_parameters = plan.params_total_before
+            stats.removable_multiple_of = multiple_of
     return stats
 
 

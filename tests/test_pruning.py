@@ -331,6 +331,18 @@ def test_lora_model_is_refused() -> None:
         prune_and_unload(lora)
 
 
+def test_gate_statistics_count_what_the_merge_removes_at_its_multiple_of() -> None:
+    peft_model, _ = gated_model("llama", "units")
+    for multiple_of in (1, 16):
+        stats = peft_gates.gate_statistics(peft_model, multiple_of=multiple_of)
+        plan = plan_pruning(peft_model, multiple_of=multiple_of)
+        assert stats.removable_parameters == plan.params_removed > 0
+        line = f"removable by the merge (multiple_of={multiple_of}): {plan.params_removed:,}"
+        assert line in stats.summary()
+    rounded = peft_gates.gate_statistics(peft_model, multiple_of=16).removable_parameters
+    assert rounded < peft_gates.gate_statistics(peft_model, multiple_of=1).removable_parameters
+
+
 def test_a_dtype_given_as_a_string_is_refused() -> None:
     peft_model, _ = gated_model("llama", "units")
     with pytest.raises(
