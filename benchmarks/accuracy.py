@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse",
         type=Path,
         help="a results JSON of an earlier run of this part with the same setting: its (method, target, "
-        "seed) runs are kept, not rerun (add seeds or targets to a long run; resume after a stop)",
+        "seed) runs are kept, not rerun (add seeds or targets to a long run; resume after a stop from the "
+        "<name>_<part>.partial.json that holds every run finished so far)",
     )
     common.add_common_args(parser)
     return parser
@@ -826,7 +827,14 @@ def run_all(
     if len(fresh) < len(jobs):
         print(f"reusing {len(jobs) - len(fresh)} of {len(jobs)} runs from {args.reuse}", flush=True)
         payload["reused_from"] = {**source, "runs": len(jobs) - len(fresh)}
-    done = {job: one(*job) for job in tqdm(fresh, desc=f"{payload['part']} runs", unit="run")}
+    partial = f"{args.name}_{payload['part']}.partial"
+    if fresh:
+        print(f"finished runs are saved to {partial}.json as they end (resume with --reuse)", flush=True)
+    done: dict[tuple, dict[str, Any]] = {}
+    for job in tqdm(fresh, desc=f"{payload['part']} runs", unit="run"):
+        done[job] = one(*job)
+        finished = [reused.get(j) or done[j] for j in jobs if j in reused or j in done]
+        common.write_json({**payload, "runs": finished}, partial, args.out_dir, device=args.device_obj)
     runs = [reused.get(job) or done[job] for job in jobs]
     rows = aggregate(runs, summary_keys(args.multiple_of))
     payload.update(summary=rows, runs=runs)
@@ -834,9 +842,10 @@ def run_all(
 
 
 def write_results(args: argparse.Namespace, payload: dict[str, Any], title: str) -> None:
-    """Print the summary table and write ``<name>_<part>.json``."""
+    """Print the summary table and write ``<name>_<part>.json`` (then drop the run's partial JSON)."""
     print_rows(payload["summary"], title, args.multiple_of)
     path = common.write_json(payload, f"{args.name}_{payload['part']}", args.out_dir, device=args.device_obj)
+    (Path(args.out_dir) / f"{args.name}_{payload['part']}.partial.json").unlink(missing_ok=True)
     print(f"wrote {path}")
 
 

@@ -60,16 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsities", default="0.1,0.2,0.3,0.4", help="shares of block parameters to remove"
     )
     parser.add_argument("--multiple-of", default="1,128", help="width alignments to compare")
-    parser.add_argument("--prefill-batch", type=int, default=1, help="sequences per prefill")
-    parser.add_argument("--prefill-len", type=int, default=128, help="tokens per prefill sequence")
-    parser.add_argument("--decode-batch", type=int, default=8, help="sequences decoded together")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before decoding (untimed)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="timed decode steps")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    parser.add_argument("--prefill-batch", type=common.positive_int, default=1, help="sequences per prefill")
+    parser.add_argument(
+        "--prefill-len", type=common.positive_int, default=128, help="tokens per prefill sequence"
+    )
+    parser.add_argument(
+        "--decode-batch", type=common.positive_int, default=8, help="sequences decoded together"
+    )
+    parser.add_argument(
+        "--prompt-len", type=common.positive_int, default=32, help="prompt tokens before decoding (untimed)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=common.positive_int, default=16, help="timed decode steps (none: --skip-decode)"
+    )
+    parser.add_argument(
+        "--repeats", type=common.positive_int, default=3, help="timed repeats (the median is reported)"
+    )
+    parser.add_argument("--warmup", type=common.non_negative_int, default=1, help="untimed repeats first")
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=common.positive_int,
         default=1,
         help="time every model this many times, all models once per round in a rotating order; keep each "
         "model's best round (noise on a shared machine only ever adds time). Holds every model in memory",
@@ -238,8 +248,6 @@ def logit_gap(reference: torch.nn.Module, candidate: torch.nn.Module, vocab: int
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Build every variant, time it, print the table; returns what the JSON holds."""
     args = build_parser().parse_args(argv)
-    if args.rounds < 1:  # before minutes of model building
-        raise SystemExit(f"error: --rounds={args.rounds} must be >= 1")
     common.setup_run(args)
     if args.weights == "real" and args.size != "135m":
         args.weights = "random"

@@ -87,6 +87,28 @@ def test_accuracy_reuse_keeps_earlier_runs_and_refuses_another_setting(tmp_path,
         accuracy.main([*argv, "--reuse", str(tmp_path / "missing.json")])
 
 
+def test_accuracy_saves_finished_runs_so_a_stopped_run_resumes(tmp_path, monkeypatch):
+    argv = ["--part", "cls", *TINY, *SMALL, "--methods", "lora-qv", "--seeds", "2", "--no-plots"]
+    argv += ["--out-dir", str(tmp_path), "--name", "long"]
+    real = accuracy.run_cls_one
+
+    def stops_at_seed_1(*a, **k):
+        if a[2] == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(accuracy, "run_cls_one", stops_at_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main(argv)
+    partial = tmp_path / "long_cls.partial.json"
+    assert [r["seed"] for r in _json(partial)["runs"]] == [0] and not (tmp_path / "long_cls.json").exists()
+    trained: list[tuple] = []
+    monkeypatch.setattr(accuracy, "run_cls_one", lambda *a, **k: trained.append(a[:3]) or real(*a, **k))
+    resumed = accuracy.main([*argv, "--reuse", str(partial)])["cls"]
+    assert trained == [("lora-qv", None, 1)] and [r["seed"] for r in resumed["runs"]] == [0, 1]
+    assert (tmp_path / "long_cls.json").exists() and not partial.exists()
+
+
 def test_baseline_scheduler_reaches_lora_and_older_files_stay_reusable(tmp_path):
     argv = ["--part", "cls", *TINY, *SMALL, "--steps", "4", "--methods", "lora-qv", "--no-plots"]
     argv += ["--out-dir", str(tmp_path)]
@@ -358,6 +380,24 @@ def test_train_cost_subprocess_worker(tmp_path):
     train_cost.main([*argv, "--warmup", "0", "--seq-len", "8", "--out-dir", str(tmp_path), "--no-plots"])
     row = _json(tmp_path / "train_cost.json")["results"][0]
     assert row["method"] == "gates-rows" and row["rss_process_peak_mib"] >= row["rss_setup_mib"] > 0
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "says"),
+    [
+        (inference, ["--new-tokens", "0"], "--new-tokens: 0 is not a positive integer"),
+        (inference, ["--repeats", "0"], "--repeats: 0 is not a positive integer"),
+        (inference, ["--warmup", "-1"], "--warmup: -1 is not a non-negative integer"),
+        (inference, ["--rounds", "0"], "--rounds: 0 is not a positive integer"),
+        (train_cost, ["--rounds", "0"], "--rounds: 0 is not a positive integer"),
+        (train_cost, ["--steps", "0"], "--steps: 0 is not a positive integer"),
+    ],
+)
+def test_counts_are_checked_before_any_model_is_built(script, argv, says, capsys):
+    """A count of 0 used to fail only after the models were built and partly timed."""
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- inference
