@@ -565,6 +565,34 @@ def test_gate_arguments_mirror_gate_config():
         script.main(
             g.sft_argv(Path("no-such-model"), Path("no-such-data"), Path("unused"), gate_scale_lr=0.0)
         )
+    for bad in ("abc", "{o_proj: 64}"):
+        with pytest.raises(ValueError, match=f"--column_group_size '{bad}' is invalid.*integer.*JSON object"):
+            script.GateArguments(column_group_size=bad).to_config()
+
+
+def test_sft_script_names_a_missing_split_and_an_unknown_file_type(tmp_path):
+    from types import SimpleNamespace
+
+    script = _load_integration("trl/sft_gates.py")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a b c"}\n')
+    names = SimpleNamespace(dataset_name=str(data), dataset_config=None)
+    split = dict(dataset_train_split="train", dataset_test_split="test")
+    train, evaluation = script.load_train_eval(
+        SimpleNamespace(**vars(names), **split), SimpleNamespace(eval_strategy="no")
+    )
+    assert len(train) == 1 and evaluation is None
+    with pytest.raises(ValueError, match=r"has no split 'test' \(it has \['train'\]\).*--eval_strategy no"):
+        script.load_train_eval(
+            SimpleNamespace(**vars(names), **split), SimpleNamespace(eval_strategy="steps")
+        )
+    gz = tmp_path / "train.jsonl.gz"
+    gz.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unknown data file type '.gz'; use one of \["):
+        script.load_train_eval(
+            SimpleNamespace(dataset_name=str(gz), dataset_config=None, **split),
+            SimpleNamespace(eval_strategy="no"),
+        )
 
 
 # --------------------------------------------------------------------------------------------- checks

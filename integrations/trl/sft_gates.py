@@ -22,7 +22,6 @@ conversational / prompt-completion columns.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -130,11 +129,21 @@ class GateArguments:
             if f.name in self.NOT_CONFIG:
                 continue
             kwargs[self.RENAMED.get(f.name, f.name)] = getattr(self, f.name)
-        size = kwargs["column_group_size"].strip()
-        kwargs["column_group_size"] = json.loads(size) if size.startswith("{") else int(size)
+        kwargs["column_group_size"] = _group_size(kwargs["column_group_size"])
         if kwargs["target_modules"] == ["all-linear"]:
             kwargs["target_modules"] = "all-linear"
         return peft_gates.GateConfig(task_type="CAUSAL_LM", **kwargs)
+
+
+def _group_size(text: str) -> int | dict[str, int]:
+    """``--column_group_size``: an integer or a JSON object of module-name suffix -> size."""
+    try:
+        return json.loads(text) if text.strip().startswith("{") else int(text)
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(
+            f"--column_group_size {text!r} is invalid ({err}): give an integer (e.g. 64) or a JSON object "
+            "with quoted keys (e.g. '{\"o_proj\": 64}')"
+        ) from None
 
 
 def load_train_eval(script_args: Any, training_args: Any) -> tuple[Any, Any]:
@@ -152,22 +161,31 @@ def load_train_eval(script_args: Any, training_args: Any) -> tuple[Any, Any]:
     elif path.is_file():
         builder = _DATA_FILE_BUILDERS.get(path.suffix)
         if builder is None:
-            raise ValueError(f"--dataset_name {name}: unknown data file type {path.suffix!r}")
+            raise ValueError(
+                f"--dataset_name {name}: unknown data file type {path.suffix!r}; use one of "
+                f"{sorted(_DATA_FILE_BUILDERS)} (or a directory written by Dataset.save_to_disk)"
+            )
         data = datasets.load_dataset(builder, data_files=str(path))
     else:  # a local directory of data files, or a hub name
         data = datasets.load_dataset(name, name=script_args.dataset_config)
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict({script_args.dataset_train_split: data})
-    train = data[script_args.dataset_train_split]
-    evaluation = None
+    wanted = {"--dataset_train_split": script_args.dataset_train_split}
     if training_args.eval_strategy != "no":
-        evaluation = data[script_args.dataset_test_split]
-    return train, evaluation
+        wanted["--dataset_test_split"] = script_args.dataset_test_split
+    for flag, split in wanted.items():
+        if split not in data:
+            raise ValueError(
+                f"--dataset_name {name} has no split {split!r} (it has {sorted(data)}): pass {flag} with one "
+                "of those" + (" or --eval_strategy no" if flag == "--dataset_test_split" else "")
+            )
+    evaluation = data[wanted["--dataset_test_split"]] if "--dataset_test_split" in wanted else None
+    return data[script_args.dataset_train_split], evaluation
 
 
 def prune_saved_adapter(
     model_args: Any, adapter_dir: str, out_dir: str, tokenizer: Any, multiple_of: int
-) -> Path | None:
+) -> Path:
     """Reload base + gate adapter (fp32, this process only), fold and prune, save the smaller model.
 
     Works the same after single-process, DDP and ZeRO runs: PEFT's merge is not ZeRO-3 aware, so the
@@ -186,27 +204,9 @@ def prune_saved_adapter(
         device_map="cpu",
     )
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
-    try:
-        from peft_gates.export import save_pruned
-        from peft_gates.pruning import plan_pruning
-    except ImportError as err:
-        merged = peft_model.merge_and_unload()
-        fallback = Path(out_dir).with_name(Path(out_dir).name + "-merged")
-        merged.save_pretrained(fallback)
-        tokenizer.save_pretrained(fallback)
-        logger.warning(
-            "peft_gates.export.save_pruned / peft_gates.pruning.plan_pruning are not available (%s): "
-            "saved the merged model (gates folded, closed units NOT removed) to %s",
-            err,
-            fallback,
-        )
-        return fallback
-    plan = plan_pruning(peft_model, multiple_of=multiple_of)
+    plan = peft_gates.plan_pruning(peft_model, multiple_of=multiple_of)
     pruned = peft_model.merge_and_unload(multiple_of=multiple_of)  # GateModel's merge is the pruning merge
-    kwargs: dict[str, Any] = {"tokenizer": tokenizer, "overwrite": True}
-    if "report" in inspect.signature(save_pruned).parameters:
-        kwargs["report"] = plan
-    saved = save_pruned(pruned, out_dir, **kwargs)
+    saved = peft_gates.save_pruned(pruned, out_dir, tokenizer=tokenizer, overwrite=True, report=plan)
     logger.info(
         "pruned model saved to %s: %d of %d parameters removed",
         saved,
@@ -272,12 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if quantization_config is not None:
         # bitsandbytes on CPUs with avx512_bf16: a first eval-mode forward without gradients repacks 4-bit
         # weights into a layout without autograd; prepare_quantized_for_gates switches that off.
-        try:
-            from peft_gates.quantization import prepare_quantized_for_gates
-        except ImportError:
-            trainer.model.train()
-        else:
-            prepare_quantized_for_gates(trainer.model)
+        peft_gates.quantization.prepare_quantized_for_gates(trainer.model)
     attach(trainer, lora_lr=gate_args.gate_lora_lr, scale_lr=gate_args.gate_scale_lr)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
