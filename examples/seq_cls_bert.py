@@ -13,6 +13,7 @@ the head must not), through an optimizer handed to the Trainer. After the merge 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ from transformers import (
 import peft_gates
 from peft_gates import assets
 
+BATCH_SIZE = 32
+SPARSITY_START = 20  # optimizer steps before the sparsity term starts
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -40,6 +44,14 @@ def main() -> None:
     parser.add_argument("--target-sparsity", type=float, default=0.3)
     parser.add_argument("--out", default="cls-gates", help="output directory")
     args = parser.parse_args()
+    steps = math.ceil(args.train_size / BATCH_SIZE) * args.epochs
+    if not args.smoke and steps <= SPARSITY_START:
+        parser.error(
+            f"--train-size {args.train_size} x --epochs {args.epochs} is {steps:g} steps of batch "
+            f"{BATCH_SIZE}, not more than the {SPARSITY_START} before the sparsity term starts, so no gate "
+            "would close; "
+            "train on more sentences or for more epochs"
+        )
 
     if args.smoke:
         import _smoke
@@ -60,7 +72,7 @@ def main() -> None:
         placement="units",
         target_sparsity=args.target_sparsity,
         init_mean=0.6,  # paper: 1.0, where every noisy sample clamps to 1 and no task gradient flows
-        sparsity_start_step=20,  # let the head learn before the sparsity term starts
+        sparsity_start_step=SPARSITY_START,  # let the head learn before the sparsity term starts
         sparsity_warmup_steps=20,
     )
     model = get_peft_model(model, config)
@@ -77,7 +89,7 @@ def main() -> None:
         args=TrainingArguments(
             output_dir=str(out / "run"),
             num_train_epochs=args.epochs,
-            per_device_train_batch_size=32,
+            per_device_train_batch_size=BATCH_SIZE,
             logging_steps=20,
             save_strategy="no",
             report_to="none",

@@ -87,3 +87,10 @@ def test_example_smoke(name: str, tmp_path: Path):
 def test_example_help_mentions_smoke(name: str):
     text = (EXAMPLES_DIR / name).read_text()
     assert '"--smoke"' in text and text.startswith('"""'), f"{name}: needs a docstring and a --smoke flag"
+
+
+def test_seq_cls_run_too_short_for_the_sparsity_term_is_refused(tmp_path: Path):
+    """300 sentences x 2 epochs of batch 32 end at step 20, when the sparsity term would start."""
+    result = _run("seq_cls_bert.py", tmp_path, "--train-size", "300")
+    assert result.returncode == 2
+    assert "is 20 steps of batch 32, not more than the 20 before the sparsity term starts" in result.stderr
