@@ -112,9 +112,10 @@ class Recipe:
     unit_modules: str = ""
 
 
-#: Named starting points. ``reference`` is the authors' GLUE setting (notes/method.md). ``r1`` is the first
-#: guess of the recipe search (benchmarks/recipes.py) and ``tuned`` the best found on MiniLM so far: lambda
-#: 10 instead of 50 and LayerNorm weights trained (see benchmarks/README.md for what was tried).
+#: Named starting points. ``reference`` is the authors' GLUE setting (the paper's reference code). ``r1``
+#: is the first guess of the recipe search (benchmarks/recipes.py) and ``tuned`` the best found on MiniLM
+#: so far: lambda 10 instead of 50 and LayerNorm weights trained (see benchmarks/README.md for what was
+#: tried).
 RECIPES: dict[str, Recipe] = {
     "reference": Recipe(),
     "r1": Recipe(

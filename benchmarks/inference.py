@@ -12,7 +12,7 @@ parameters; the table reports what was realized.
 
 Each sparsity is built twice: ``multiple_of=1`` (exact widths) and ``multiple_of=128`` (kept MLP widths
 rounded up to a multiple of 128 by re-keeping the most open closed neurons as zeros), because on GPUs odd
-widths can make a pruned model slower than the dense one (shared/notes/method.md).
+widths can make a pruned model slower than the dense one (docs/concepts.md, "Why kept widths are rounded").
 
 Measured: prefill = one forward over ``--prefill-batch x --prefill-len`` tokens with no cache, logits of
 the last position only (what generation needs); decode = ``--new-tokens`` greedy steps of a manual loop
@@ -254,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     fractions = common.parse_list(args.sparsities, float)
+    if any(not 0 < f < 1 for f in fractions):
+        raise SystemExit(
+            f"error: --sparsities {args.sparsities}: every share must lie in (0, 1), e.g. 0.1,0.3"
+        )
     multiples = common.parse_list(args.multiple_of, int)
     base = common.load_base_model(args.size, args.weights)  # fp32 on CPU: the copy every variant is cut from
     scores = importance(base)

@@ -1,7 +1,7 @@
 """The gate-recipe search on MiniLM, as code: what was tried, how to rerun it, and a table of the results.
 
 ``accuracy.py`` takes every recipe knob on its command line; this file lists the variants tried to close
-the gap to LoRA (reference recipe ~80% at 20-40% removed vs LoRA r=8 ~86%, notes/method.md), runs them
+the gap to LoRA (reference recipe ~80% at 20-40% removed vs LoRA r=8 ~86% in the first runs), runs them
 with one shared data/training setting, and summarizes every ``*_cls.json`` found in a folder, so the
 record of what was tried is the results folder itself.
 

@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, acc in summary.items():
         print(f"| {name} | {100 * acc:.1f}% |")
     results["wall_seconds"] = time.perf_counter() - job_start
-    (out / "main_job.json").write_text(json.dumps(results, indent=2, default=str))
+    text = json.dumps(results, indent=2, default=str)
+    peft_gates.export.write_file(out / "main_job.json", lambda tmp: tmp.write_text(text))  # replaced whole
     print(
         f"\nreport: {export_dir / 'compression_report.md'} (JSON and PNG beside it); "
         f"results: {out / 'main_job.json'}"

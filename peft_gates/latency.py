@@ -335,6 +335,8 @@ def measure_latency(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1")
     _check_counts(repeats, warmup)
+    if not isinstance(new_tokens, int) or new_tokens < 0:
+        raise ValueError(f"new_tokens={new_tokens!r} is invalid: use an integer >= 0 (0: prefill only)")
     generative = _can_generate(model)
     do_decode = decode and generative and new_tokens > 0
     limit = _max_positions(model)
