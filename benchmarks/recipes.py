@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: unknown tags {sorted(unknown)}; see `python -m benchmarks.recipes list`")
     shared = ["--part", "cls", "--train-size", args.train_size, "--test-size", args.test_size, "--epochs",
               args.epochs, "--seeds", args.seeds, "--targets", args.targets, "--out-dir", str(args.dir),
-              *args.extra.split()]  # fmt: skip
+              *shlex.split(args.extra)]  # fmt: skip
     by_tag = {s[0]: s for s in SEARCH}
     chosen = [by_tag[t] for t in common.parse_list(args.only)] if only else SEARCH  # in the order given
     for tag, what, argv in tqdm(chosen, desc="recipes", unit="variant"):
