@@ -531,6 +531,26 @@ def test_sft_trainer_on_a_4bit_base_keeps_gates_fp32_and_merges(base_dir, tmp_pa
         assert rel(gated, dense(input_ids=x).logits) < BOUND["nf4-dq"]
 
 
+def test_4bit_integration_script_trains_prunes_and_requantizes(tmp_path):
+    """integrations/quantized/sft_4bit.py on its tiny random Llama: adapter, dense pruned model and an nf4
+    copy that reloads quantized; a second run into the same folder replaces its outputs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "integrations" / "quantized" / "sft_4bit.py"
+    spec = importlib.util.spec_from_file_location("sft_4bit", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--out_dir", str(tmp_path), "--max_steps", "2", "--requantize"]
+    assert script.main(argv) == tmp_path
+    assert script.main(argv) == tmp_path  # rerun: its own subfolders are rewritten, not refused
+    assert {"adapter", "pruned", "pruned-nf4"} <= set(os.listdir(tmp_path))
+    config = json.loads((tmp_path / "pruned-nf4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned-nf4", device_map="cpu")
+    assert any(is_quantized_linear(m) for m in reloaded.modules())
+
+
 # ------------------------------------------------------------------------------------------- real model
 
 

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.model_path:
         path, tokenizer = Path(args.model_path), AutoTokenizer.from_pretrained(args.model_path)
     else:
-        path, tokenizer = tiny_base(Path(tempfile.mkdtemp(prefix="tiny_llama_")))
+        scratch = tempfile.TemporaryDirectory(prefix="tiny_llama_")  # removed when main() returns
+        path, tokenizer = tiny_base(Path(scratch.name))
 
     # 1-2: the 4-bit base, safe to train before any forward
     model = AutoModelForCausalLM.from_pretrained(
