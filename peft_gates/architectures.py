@@ -177,4 +177,8 @@ def find_blocks(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and (name == spec.layers or name.endswith("." + spec.layers)):
             return name, module
-    raise ValueError(f"no ModuleList named '*{spec.layers}' in {type(model).__name__}")
+    raise ValueError(
+        f"no ModuleList named '*{spec.layers}' in {type(model).__name__}: the architecture table entry of "
+        f"its model_type expects the blocks there; use the stock transformers class of the family, or adapt "
+        "its ArchSpec in peft_gates.architectures.ARCHITECTURES"
+    )

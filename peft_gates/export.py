@@ -341,6 +341,16 @@ def save_pruned(
     """
     if layout not in ("per_layer", "zero_pad"):
         raise ValueError(f"layout={layout!r} is invalid: use 'per_layer' or 'zero_pad'")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(
+            f"tokenizer={tokenizer!r} is not a tokenizer object; pass AutoTokenizer.from_pretrained(...) "
+            "or None"
+        )
+    if report is not None and not isinstance(report, PrunePlan):
+        raise TypeError(
+            f"report={report!r} is not a PrunePlan; pass peft_gates.plan_pruning(model, ...) from before the "
+            "merge, or None"
+        )
     _refuse_adapters(model)
     save_kwargs: dict[str, Any] = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:

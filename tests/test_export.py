@@ -191,6 +191,10 @@ def test_bad_layout_is_refused(tmp_path: Path) -> None:
     model, _, _ = pruned("llama")
     with pytest.raises(ValueError, match="layout='padded'"):
         save_pruned(model, tmp_path / "out", layout="padded")
+    with pytest.raises(TypeError, match="tokenizer='gpt2' is not a tokenizer object.*AutoTokenizer"):
+        save_pruned(model, tmp_path / "out", tokenizer="gpt2")
+    with pytest.raises(TypeError, match="report='yes' is not a PrunePlan.*plan_pruning"):
+        save_pruned(model, tmp_path / "out", report="yes")
     assert listing(tmp_path) == []
 
 

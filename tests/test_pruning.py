@@ -343,6 +343,11 @@ def test_gate_statistics_count_what_the_merge_removes_at_its_multiple_of() -> No
     assert rounded < peft_gates.gate_statistics(peft_model, multiple_of=1).removable_parameters
 
 
+def test_a_model_without_its_familys_blocks_is_named() -> None:
+    with pytest.raises(ValueError, match=r"no ModuleList named '\*layers' in Linear.*stock transformers"):
+        find_blocks(nn.Linear(2, 2), ARCHITECTURES["llama"])
+
+
 def test_a_dtype_given_as_a_string_is_refused() -> None:
     peft_model, _ = gated_model("llama", "units")
     with pytest.raises(
