@@ -95,22 +95,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def positive_int(text: str) -> int:
-    """argparse type for sizes, steps and repeats: 0 or less would only fail (or measure nothing) later."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type for warm-up counts (0 = none)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a non-negative integer")
-    return value
-
-
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every script has: where results go, CPU threads, plots on/off."""
     parser.add_argument(

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from peft_gates.cli import non_negative_int, positive_int
 from peft_gates.latency import measure_decode, measure_prefill
 
 try:  # `python -m benchmarks.inference` / tests
@@ -60,26 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsities", default="0.1,0.2,0.3,0.4", help="shares of block parameters to remove"
     )
     parser.add_argument("--multiple-of", default="1,128", help="width alignments to compare")
-    parser.add_argument("--prefill-batch", type=common.positive_int, default=1, help="sequences per prefill")
+    parser.add_argument("--prefill-batch", type=positive_int, default=1, help="sequences per prefill")
+    parser.add_argument("--prefill-len", type=positive_int, default=128, help="tokens per prefill sequence")
+    parser.add_argument("--decode-batch", type=positive_int, default=8, help="sequences decoded together")
     parser.add_argument(
-        "--prefill-len", type=common.positive_int, default=128, help="tokens per prefill sequence"
+        "--prompt-len", type=positive_int, default=32, help="prompt tokens before decoding (untimed)"
     )
     parser.add_argument(
-        "--decode-batch", type=common.positive_int, default=8, help="sequences decoded together"
+        "--new-tokens", type=positive_int, default=16, help="timed decode steps (none: --skip-decode)"
     )
     parser.add_argument(
-        "--prompt-len", type=common.positive_int, default=32, help="prompt tokens before decoding (untimed)"
+        "--repeats", type=positive_int, default=3, help="timed repeats (the median is reported)"
     )
-    parser.add_argument(
-        "--new-tokens", type=common.positive_int, default=16, help="timed decode steps (none: --skip-decode)"
-    )
-    parser.add_argument(
-        "--repeats", type=common.positive_int, default=3, help="timed repeats (the median is reported)"
-    )
-    parser.add_argument("--warmup", type=common.non_negative_int, default=1, help="untimed repeats first")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed repeats first")
     parser.add_argument(
         "--rounds",
-        type=common.positive_int,
+        type=positive_int,
         default=1,
         help="time every model this many times, all models once per round in a rotating order; keep each "
         "model's best round (noise on a shared machine only ever adds time). Holds every model in memory",

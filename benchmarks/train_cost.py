@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from peft_gates.cli import non_negative_int, positive_int
 from peft_gates.latency import TimingStats, synchronize, time_fn
 
 try:  # `python -m benchmarks.train_cost` / tests
@@ -80,26 +81,22 @@ def add_measurement_args(
     One definition keeps their meaning (and :func:`worker_argv`, which passes them on) the same in both.
     """
     common.add_model_args(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="sequences per training step")
+    parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed training steps per method")
     parser.add_argument(
-        "--batch-size", type=common.positive_int, default=2, help="sequences per training step"
-    )
-    parser.add_argument("--seq-len", type=common.positive_int, default=128, help="tokens per sequence")
-    parser.add_argument(
-        "--steps", type=common.positive_int, default=5, help="timed training steps per method"
-    )
-    parser.add_argument(
-        "--warmup", type=common.non_negative_int, default=2, help="untimed steps first (allocator, kernels)"
+        "--warmup", type=non_negative_int, default=2, help="untimed steps first (allocator, kernels)"
     )
     parser.add_argument("--methods", default=",".join(default_methods), help=f"from {tuple(methods)}")
     parser.add_argument("--baseline", default=baseline, help="the method ratios are relative to")
     parser.add_argument(
         "--lora-r",
-        type=common.positive_int,
+        type=positive_int,
         default=16,
         help="rank of the LoRA baseline (alpha = 2 r, all Linears)",
     )
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
-    parser.add_argument("--rounds", type=common.positive_int, default=1,
+    parser.add_argument("--rounds", type=positive_int, default=1,
                         help="measure every method this many times, alternating order; keep each method's "
                         "fastest round (a shared CPU's noise only ever adds time)")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

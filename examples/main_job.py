@@ -31,6 +31,7 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_gates
 from peft_gates import assets, latency
+from peft_gates.cli import positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,14 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"{args.sparsity_start}), so no gate would close; raise --steps or lower --sparsity-start"
         )
     return args
-
-
-def positive_int(text: str) -> int:
-    """argparse type for sizes and counts (0 or less would train or score nothing)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def count_parameters(model) -> int:

@@ -145,23 +145,25 @@ class CliError(Exception):
 # --------------------------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for sizes, steps and repeats (also used by the examples and benchmarks)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """argparse type for warm-up counts (0 = none)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"{value} is not a non-negative integer")
     return value
 
 
@@ -242,14 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--dense", required=True, metavar="PATH", help="dense (unpruned) model directory")
     bench.add_argument("--pruned", required=True, metavar="PATH", help="pruned model directory")
-    bench.add_argument("--batch", metavar="N", type=_positive_int, default=1, help="sequences per forward")
+    bench.add_argument("--batch", metavar="N", type=positive_int, default=1, help="sequences per forward")
     bench.add_argument(
-        "--seq", metavar="N", type=_positive_int, default=128, help="prefill / prompt length in tokens"
+        "--seq", metavar="N", type=positive_int, default=128, help="prefill / prompt length in tokens"
     )
     bench.add_argument(
         "--new-tokens",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=32,
         help="timed decode steps (0: prefill only)",
     )
@@ -260,13 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, default="auto", help="auto = bfloat16 on GPUs, float32 on CPU"
     )
     bench.add_argument(
-        "--repeats", metavar="N", type=_positive_int, default=5, help="timed runs (the median is shown)"
+        "--repeats", metavar="N", type=positive_int, default=5, help="timed runs (the median is shown)"
     )
     bench.add_argument(
-        "--warmup", metavar="N", type=_non_negative_int, default=2, help="untimed runs before timing"
+        "--warmup", metavar="N", type=non_negative_int, default=2, help="untimed runs before timing"
     )
     bench.add_argument(
-        "--threads", metavar="N", type=_positive_int, help="torch CPU threads (default: torch's choice)"
+        "--threads", metavar="N", type=positive_int, help="torch CPU threads (default: torch's choice)"
     )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
@@ -279,7 +281,7 @@ def _add_plan_options(parser: argparse.ArgumentParser, for_report: bool = False)
     parser.add_argument(
         "--multiple-of",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None if for_report else 128,
         help="round each block's kept MLP width up to a multiple of this; 1 = exact widths"
         + (suffix + "; default 128" if for_report else ""),
@@ -287,7 +289,7 @@ def _add_plan_options(parser: argparse.ArgumentParser, for_report: bool = False)
     parser.add_argument(
         "--min-units",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None if for_report else 1,
         help="keep at least this many attention units and MLP neurons per block"
         + (suffix + "; default 1" if for_report else ""),
@@ -296,7 +298,7 @@ def _add_plan_options(parser: argparse.ArgumentParser, for_report: bool = False)
         parser.add_argument(
             "--seq-len",
             metavar="N",
-            type=_non_negative_int,
+            type=non_negative_int,
             default=None,
             help="context length for the attention FLOPs per token (adapters only; default 0: left out)",
         )

@@ -31,6 +31,7 @@ from peft import get_peft_model
 from torch import nn
 
 import peft_gates
+from peft_gates.cli import positive_int
 from peft_gates.training import gate_metrics, optimizer_groups, set_sparsity_step
 
 logger = logging.getLogger(__name__)
@@ -96,14 +97,6 @@ def _tiny_llama() -> nn.Module:
         num_key_value_heads=2,
     )
     return LlamaForCausalLM(config)
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts: a size or step count of 0 or less would train nothing."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def main() -> None:
