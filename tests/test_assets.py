@@ -113,8 +113,16 @@ def test_minilm_classifier_runs() -> None:
     torch.manual_seed(0)
     model, tok = assets.load_minilm_classifier(num_labels=2)
     assert model.config.num_labels == 2
-    acc = assets.cls_accuracy(model, tok, [("good", 1), ("bad", 0), ("fine", 1)], batch_size=2)
-    assert acc in {0.0, 1 / 3, 2 / 3, 1.0}
+    pairs = [("good", 1), ("bad", 0), ("a long and rather dull film", 1), ("fine", 0)]
+    with torch.no_grad():  # one sentence at a time: no padding, so this is the reference prediction
+        preds = [int(model.eval()(**tok(s, return_tensors="pt")).logits.argmax(-1)) for s, _ in pairs]
+    model.train()  # cls_accuracy evaluates without dropout, then restores the caller's mode
+    expected = sum(p == y for p, (_, y) in zip(preds, pairs, strict=True)) / len(pairs)
+    # padded batches of mixed lengths must predict the same labels as single sentences
+    assert assets.cls_accuracy(model, tok, pairs, batch_size=3) == expected
+    flipped = [(s, 1 - y) for s, y in pairs]
+    assert assets.cls_accuracy(model, tok, flipped, batch_size=2) == 1 - expected
+    assert model.training  # the caller's mode is restored
 
 
 def _cache_copy(path: Path, stamp: dict) -> None:

@@ -325,14 +325,25 @@ def test_importance_prior_shifts_gates_by_rank(spread):
         assert ((shift >= min(0, spread) - 1e-6) & (shift <= max(0, spread) + 1e-6)).all()
 
 
-def test_importance_prior_runs_the_accuracy_benchmark_and_restores_attach(tmp_path):
+def test_importance_prior_runs_the_accuracy_benchmark_and_restores_attach(tmp_path, monkeypatch):
     from peft_gates import training
 
+    applied = []
+    real_apply = importance_prior.apply_prior
+
+    def recording_apply(model, batches, spread):
+        shifted = real_apply(model, batches, spread)
+        applied.append((len(batches), spread, shifted))
+        return shifted
+
+    monkeypatch.setattr(importance_prior, "apply_prior", recording_apply)
     attach = training.attach
     argv = ["--part", "cls", *TINY, *SMALL, "--methods", "gates-units", "--targets", "0.3", "--no-plots"]
     prior = ["--prior-spread", "0.4", "--prior-batches", "1"]
     out = importance_prior.main([*prior, *argv, "--out-dir", str(tmp_path)])
     assert out["cls"]["runs"][0]["method"] == "gates-units"
+    # once per gated run, on one training batch, with the spread asked for, shifting at least one layer
+    assert len(applied) == len(out["cls"]["runs"]) and all(a[:2] == (1, 0.4) and a[2] > 0 for a in applied)
     assert (tmp_path / "accuracy_cls.json").exists() and training.attach is attach
     with pytest.raises(SystemExit):
         importance_prior.main(["--prior-spread", "0", *argv])

@@ -297,6 +297,14 @@ def test_prune_a_family_without_a_table_entry_saves_it_folded(tmp_path, capsys):
     torch.manual_seed(0)
     transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "base")
     gated = get_peft_model(transformers.OPTForCausalLM.from_pretrained(tmp_path / "base"), GateConfig())
+    with torch.no_grad():  # stand-in for training: a quarter closed, a quarter scaled, the rest open
+        for name, theta in gated.named_parameters():
+            if "peft_gates_" in name:
+                theta.fill_(3.0)
+                theta[::4] = -3.0
+                theta[1::4] = 0.3
+        x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+        logits = gated.eval()(x).logits
     gated.save_pretrained(tmp_path / "adapter")
     code, out, err = run(
         capsys,
@@ -310,8 +318,12 @@ def test_prune_a_family_without_a_table_entry_saves_it_folded(tmp_path, capsys):
     )
     assert code == 0, err
     assert "opt has no architecture entry" in out and "nothing was cut out" in out
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
     assert type(reloaded) is transformers.OPTForCausalLM
+    dense = sum(p.numel() for n, p in gated.named_parameters() if "peft_gates_" not in n)
+    assert sum(p.numel() for p in reloaded.parameters()) == dense  # folded, not cut
+    with torch.no_grad():  # the gates' effect is in the saved weights
+        torch.testing.assert_close(reloaded(x).logits, logits, atol=1e-5, rtol=1e-5)
 
 
 def test_prune_adapter_base_mismatch(saved, tmp_path, capsys):

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16  # noqa: E402
+from bitsandbytes.functional import _convert_weight_packed_for_cpu  # noqa: E402
 from peft import get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
@@ -284,13 +284,18 @@ def test_prepare_switches_the_repacking_off(base_dir):
         assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False) == (not prepared)
 
 
-@pytest.mark.skipif(not has_avx512bf16(), reason="the trap needs a CPU with AVX512-BF16")
 def test_gates_keep_their_gradient_after_an_eval_forward_on_avx512bf16(base_dir):
-    model = get_peft_model(load_quantized(base_dir, "nf4-dq"), GateConfig(init_mean=0.0, sparsity_weight=0.0))
+    """Runs on any CPU: the layers are told they sit on an AVX512-BF16 CPU, as bitsandbytes sets it there."""
+    base = load_quantized(base_dir, "nf4-dq")
+    layers = [m for m in base.modules() if is_quantized_linear(m)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    model = get_peft_model(base, GateConfig(init_mean=0.0, sparsity_weight=0.0))
     x = batch()
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # unprepared, this forward repacks every 4-bit weight into the no-backward layout
         model(input_ids=x)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     model.train()
     model(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate_params(model).values())
@@ -543,12 +548,24 @@ def test_4bit_integration_script_trains_prunes_and_requantizes(tmp_path):
     spec.loader.exec_module(script)
     argv = ["--out_dir", str(tmp_path), "--max_steps", "2", "--requantize"]
     assert script.main(argv) == tmp_path
+    weights = {name: tmp_path / name / "model.safetensors" for name in ("pruned", "pruned-nf4")}
+    written = {name: path.stat().st_mtime_ns for name, path in weights.items()}
     assert script.main(argv) == tmp_path  # rerun: its own subfolders are rewritten, not refused
+    assert all(path.stat().st_mtime_ns > written[name] for name, path in weights.items())
     assert {"adapter", "pruned", "pruned-nf4"} <= set(os.listdir(tmp_path))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # the dense pruned model: saved without the 4-bit config, reloads as plain Linear layers
+    assert "quantization_config" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert not any(is_quantized_linear(m) for m in dense.modules())
     config = json.loads((tmp_path / "pruned-nf4" / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned-nf4", device_map="cpu")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned-nf4", device_map="cpu").eval()
     assert any(is_quantized_linear(m) for m in reloaded.modules())
+    # the nf4 copy is that dense model rounded once more to 4 bit: same answers up to that rounding
+    x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))  # the script's 125 words
+    with torch.no_grad():
+        assert rel(reloaded(input_ids=x).logits, dense(input_ids=x).logits) < 0.1
 
 
 # ------------------------------------------------------------------------------------------- real model
