@@ -58,6 +58,35 @@ def _run(name: str, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _check_saved_models(root: Path) -> int:
+    """Every model an example saved under ``root`` reloads through the Auto classes, runs, and has the
+    parameter count its compression report (where one sits beside it) states. Returns how many."""
+    import torch
+    import transformers
+
+    import peft_gates  # noqa: F401  (registers the pruned architectures, as a user's script does)
+
+    checked = 0
+    for config_path in sorted(root.glob("**/config.json")):
+        folder = config_path.parent
+        if not any(folder.glob("*.safetensors")):
+            continue
+        config = json.loads(config_path.read_text())
+        architecture = config["architectures"][0]
+        task = "SequenceClassification" if architecture.endswith("ForSequenceClassification") else "CausalLM"
+        model = getattr(transformers, f"AutoModelFor{task}").from_pretrained(folder).eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all(), folder
+        report = folder / "compression_report.json"
+        if report.exists():
+            after = json.loads(report.read_text())["totals"]["params_model_after"]
+            count = sum(p.numel() for p in model.parameters())
+            # the per-layer layout holds exactly the kept weights; zero_pad pads back to uniform widths
+            assert count == after if config["model_type"].endswith("_pruned") else count >= after, folder
+        checked += 1
+    return checked
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_smoke(name: str, tmp_path: Path):
     for module in NEEDS.get(name, []):
@@ -67,6 +96,8 @@ def test_example_smoke(name: str, tmp_path: Path):
     assert result.returncode == 0, f"{name} --smoke failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     for path in EXPECTED[name]:
         assert (tmp_path / path).exists(), f"{name} did not write {path}"
+    expected_models = sum(Path(path).name == "config.json" for path in EXPECTED[name])
+    assert _check_saved_models(tmp_path) >= expected_models
     if name == "prune_and_export.py":
         # both layouts reproduce the gated logits; zero_pad is a stock config with uniform widths
         assert result.stdout.count("max |logit - gated| 0.0e+00") == 2, result.stdout
