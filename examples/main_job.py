@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--lr", type=float, default=5e-2, help="learning rate of the gates (default 5e-2)")
+    p.add_argument(
+        "--scheduler",
+        default="cosine",
+        choices=["cosine", "constant"],
+        help="lr schedule of the gates (default cosine: the lr decays to 0, so the gates settle; at a "
+        "constant 5e-2 the accuracy of the last step swung from 49.5%% to 78.5%% across seeds)",
+    )
     p.add_argument("--placement", default="units", choices=["units", "both", "rows", "columns"])
     p.add_argument(
         "--scale-gates",
@@ -52,9 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "term (default both; none with the other placements)",
     )
     p.add_argument("--target-sparsity", type=float, default=0.3)
-    p.add_argument("--sparsity-weight", type=float, default=50.0, help="lambda (default 50)")
+    p.add_argument("--sparsity-weight", type=float, default=150.0, help="lambda (default 150)")
     p.add_argument(
-        "--sparsity-start", type=int, default=40, help="steps before the sparsity term starts (default 40)"
+        "--sparsity-start",
+        type=int,
+        default=20,
+        help="steps before the sparsity term starts (default 20: early, while the cosine lr is high)",
     )
     p.add_argument("--sparsity-warmup", type=int, default=40, help="steps lambda ramps up over (default 40)")
     p.add_argument(
@@ -68,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sigma",
         type=float,
-        default=0.25,
-        help="scale of the open probability (default 0.25, steeper than the paper's 0.5: the term is then "
+        default=0.35,
+        help="scale of the open probability (default 0.35, steeper than the paper's 0.5: the term is then "
         "met by closing gates rather than by scaling all of them down)",
     )
     p.add_argument(
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
-        lr_scheduler_type="constant",
+        lr_scheduler_type=args.scheduler,
         weight_decay=0.0,
         logging_steps=max(1, args.steps // 10),
         save_strategy="no",

@@ -24,17 +24,19 @@ def _load_main_job():
 
 
 def test_defaults_are_the_documented_recipe():
-    """The embedded default is what docs/benchmarks.md reports: units + scale gates, sigma 0.25, 200 steps."""
+    """The embedded default is what docs/benchmarks.md reports: units + scale gates, sigma 0.35, lambda 150
+    from step 20, 200 steps at a cosine lr."""
     args = _load_main_job().parse_args([])
-    assert (args.placement, args.scale_gates, args.sigma, args.steps) == ("units", "both", 0.25, 200)
-    assert (args.sparsity_start, args.sparsity_warmup, args.target_sparsity) == (40, 40, 0.3)
+    assert (args.placement, args.scale_gates, args.sigma, args.steps) == ("units", "both", 0.35, 200)
+    assert (args.sparsity_start, args.sparsity_warmup, args.target_sparsity) == (20, 40, 0.3)
+    assert (args.sparsity_weight, args.scheduler, args.lr) == (150.0, "cosine", 5e-2)
 
 
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
         (["--placement", "both", "--scale-gates", "rows"], "--scale-gates rows needs --placement units"),
-        (["--steps", "30"], "--steps 30 ends before the sparsity term starts"),
+        (["--steps", "20"], "--steps 20 ends before the sparsity term starts"),
         (["--test-size", "0"], "0 is not a positive integer"),
     ],
 )
@@ -69,7 +71,12 @@ def test_main_job_end_to_end_small(tmp_path):
     # the pruned export is the gated model: same greedy tokens, logits within fp32 folding error
     assert results["reload_same_greedy_generation"] is True
     assert results["reload_max_logit_diff"] < 5e-3
-    assert results["pruned_parameters"] <= results["dense_parameters"]
+    # the export is the gated model with its closed units cut out: same answers, and exactly the
+    # parameters the gate statistics (planned at the same width multiple) called removable are gone
+    assert results["pruned_accuracy"] == results["gated_accuracy"]
+    removed = results["dense_parameters"] - results["pruned_parameters"]
+    assert removed == results["gate_statistics"]["removable_parameters"]
+    assert results["removed_fraction"] == pytest.approx(removed / results["dense_parameters"])
     assert results["prefill_dense_s"] > 0 and results["prefill_pruned_s"] > 0
     assert results["decode_dense_s"] > 0 and results["decode_pruned_s"] > 0
     assert (out / "pruned" / "compression_report.md").is_file()
