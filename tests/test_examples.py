@@ -81,8 +81,10 @@ def _check_saved_models(root: Path) -> int:
         if report.exists():
             after = json.loads(report.read_text())["totals"]["params_model_after"]
             count = sum(p.numel() for p in model.parameters())
-            # the per-layer layout holds exactly the kept weights; zero_pad pads back to uniform widths
-            assert count == after if config["model_type"].endswith("_pruned") else count >= after, folder
+            if config["model_type"].endswith("_pruned"):  # per-layer layout: exactly the kept weights
+                assert count == after, folder
+            else:  # zero_pad layout: padded back to uniform widths
+                assert count >= after, folder
         checked += 1
     return checked
 
