@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from peft_gates.cli import non_negative_int, positive_int
-from peft_gates.latency import measure_decode, measure_prefill
+from peft_gates.latency import measure_decode, measure_prefill, rotate_rounds
 
 try:  # `python -m benchmarks.inference` / tests
     from benchmarks import common
@@ -212,19 +212,18 @@ def measure(model: torch.nn.Module, args: argparse.Namespace, device: torch.devi
 def measure_rounds(
     rows: list[dict[str, Any]], models: list[torch.nn.Module], args: argparse.Namespace, device: torch.device
 ) -> None:
-    """Time every model ``args.rounds`` times, rotating the order so no model always follows the same one.
+    """Time every model ``args.rounds`` times in a rotating order (:func:`peft_gates.latency.rotate_rounds`).
 
     Each row gets every round's measurement under ``"rounds"`` and, as its figures, the fastest prefill
     and the highest decode throughput over the rounds: on a shared CPU, interference only ever slows a
     measurement down, so the best round is the least disturbed one.
     """
-    for row in rows:
-        row["rounds"] = []
-    for r in tqdm(range(args.rounds), desc="rounds", unit="round", disable=args.rounds == 1):
-        order = [(i + r) % len(models) for i in range(len(models))]
-        for i in order:
-            rows[i]["rounds"].append(measure(models[i], args, device))
-    for row in rows:
+    with tqdm(total=args.rounds, desc="rounds", unit="round", disable=args.rounds == 1) as bar:
+        timed = rotate_rounds(
+            dict(enumerate(models)), lambda model: measure(model, args, device), args.rounds, bar.update
+        )
+    for i, row in enumerate(rows):
+        row["rounds"] = timed[i]
         best_prefill = min(row["rounds"], key=lambda m: m["prefill_ms"])
         row.update({k: best_prefill[k] for k in ("prefill", "prefill_ms", "prefill_tokens_per_s")})
         if not args.skip_decode:

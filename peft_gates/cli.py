@@ -100,6 +100,8 @@ Time a dense and a pruned model the same way (peft_gates.latency): prefill = one
 --batch x --seq random tokens without a cache; decode = --new-tokens greedy steps with the KV cache after
 a --batch x --seq prompt (tokens/s = batch x new tokens / time). Untimed warm-up runs, then the median of
 --repeats timed runs; the device is synchronized around every timed region. Encoders get prefill only.
+Both models are loaded together and timed in --rounds rounds, in a rotating order (dense first, then pruned
+first, ...); each keeps its fastest round, so a burst of background load cannot favour one side of the ratio.
 
 Numbers depend on the machine and its load: compare models only within one run. On GPUs, odd widths can
 make a pruned model slower than the dense one (prune with the default --multiple-of 128).
@@ -152,7 +154,7 @@ def positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer: use an integer >= 1")
     return value
 
 
@@ -163,7 +165,7 @@ def non_negative_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a non-negative integer")
+        raise argparse.ArgumentTypeError(f"{value} is not a non-negative integer: use an integer >= 0")
     return value
 
 
@@ -266,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--warmup", metavar="N", type=non_negative_int, default=2, help="untimed runs before timing"
+    )
+    bench.add_argument(
+        "--rounds",
+        metavar="N",
+        type=positive_int,
+        default=3,
+        help="rounds of timing, models in a rotating order; the fastest round is shown",
     )
     bench.add_argument(
         "--threads", metavar="N", type=positive_int, help="torch CPU threads (default: torch's choice)"
@@ -828,7 +837,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .export import write_file
-    from .latency import measure_latency
+    from .latency import compare_latency, speedups
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -838,33 +847,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.dtype == "auto"
         else getattr(torch, args.dtype)
     )
-    results = {}
-    runs_per_model = (args.warmup + args.repeats) * (2 if args.new_tokens else 1)
-    for name, path, flag in (("dense", dense_dir, "--dense"), ("pruned", pruned_dir, "--pruned")):
-        model = load_for_inference(path, flag, dtype, device)
-        with tqdm(
-            total=runs_per_model, desc=f"timing {name}", disable=not _progress(args), leave=False
-        ) as bar:
-            results[name] = measure_latency(
-                model,
-                batch=args.batch,
-                seq_len=args.seq,
-                new_tokens=args.new_tokens,
-                repeats=args.repeats,
-                warmup=args.warmup,
-                decode=args.new_tokens > 0,
-                on_sample=bar.update,
-            )
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    models = {
+        "dense": load_for_inference(dense_dir, "--dense", dtype, device),
+        "pruned": load_for_inference(pruned_dir, "--pruned", dtype, device),
+    }
+    with tqdm(total=args.rounds, desc="timing rounds", disable=not _progress(args), leave=False) as bar:
+        results = compare_latency(
+            models,
+            batch=args.batch,
+            seq_len=args.seq,
+            new_tokens=args.new_tokens,
+            rounds=args.rounds,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            decode=args.new_tokens > 0,
+            on_round=bar.update,
+        )
+    del models
     print(_bench_table(results, args, device, dtype))
     if json_path is not None:
         payload = {
             "dense_path": str(dense_dir),
             "pruned_path": str(pruned_dir),
             "results": {name: r.to_dict() for name, r in results.items()},
-            "speedup": _speedups(results),
+            "speedup": speedups(results["dense"], results["pruned"]),
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(payload, indent=2) + "\n"
@@ -873,21 +879,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speedups(results: dict[str, Any]) -> dict[str, float | None]:
-    dense, pruned = results["dense"], results["pruned"]
-    decode = None
-    if dense.decode_tokens_per_s and pruned.decode_tokens_per_s:
-        decode = pruned.decode_tokens_per_s / dense.decode_tokens_per_s
-    return {"prefill": dense.prefill_ms / pruned.prefill_ms, "decode": decode}
+def _span(ratios: list[float]) -> str:
+    return f" (rounds {min(ratios):.2f}-{max(ratios):.2f}x)" if len(ratios) > 1 else ""
 
 
 def _bench_table(results: dict[str, Any], args: argparse.Namespace, device: Any, dtype: Any) -> str:
+    from .latency import speedups
+
     dense = results["dense"]
     decode = dense.decode is not None
     title = (
         f"latency on {device} ({str(dtype).removeprefix('torch.')}): prefill {args.batch} x {args.seq} tokens"
         + (f", decode {args.new_tokens} tokens at batch {args.batch} with KV cache" if decode else "")
         + f"; median of {args.repeats} runs after {args.warmup} warm-up"
+        + f", best of {args.rounds} rotating rounds"
     )
     header = ["model", "parameters", "prefill ms", "prefill tok/s"]
     if decode:
@@ -909,10 +914,12 @@ def _bench_table(results: dict[str, Any], args: argparse.Namespace, device: Any,
     lines = [title, ""]
     for row in (header, *rows):
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
-    speed = _speedups(results)
-    summary = f"\nspeedup of pruned over dense: prefill {speed['prefill']:.2f}x"
+    speed = speedups(results["dense"], results["pruned"])
+    summary = (
+        f"\nspeedup of pruned over dense: prefill {speed['prefill']:.2f}x{_span(speed['prefill_rounds'])}"
+    )
     if speed["decode"] is not None:
-        summary += f", decode {speed['decode']:.2f}x"
+        summary += f", decode {speed['decode']:.2f}x{_span(speed['decode_rounds'])}"
     notes = [
         r.decode_skipped for r in results.values() if r.decode_skipped and r.decode_skipped != "not requested"
     ]

@@ -10,10 +10,14 @@ it slower, see the concepts page), so the numbers must come from the same, caref
   ``generate`` so that neither the prompt nor ``generate``'s bookkeeping ends up in the number;
 * ``warmup`` untimed runs first (allocator, kernel selection, lazy init), then ``repeats`` timed runs, of
   which the **median** is reported (robust to a stray slow run on a shared machine);
-* every timed region ends with a device synchronize, so a CUDA timing measures the kernels, not their launch.
+* every timed region ends with a device synchronize, so a CUDA timing measures the kernels, not their launch;
+* models compared with each other (:func:`compare_latency`) are timed in **rounds**, every model once per
+  round in a rotating order, and each keeps its fastest round: on a shared machine, interference only ever
+  slows a measurement down, and timing the dense model entirely before the pruned one would hand every
+  burst of background load to one side of the ratio.
 
-Used by ``peft-gates bench``; :func:`measure_latency` returns a :class:`LatencyResult` whose
-:meth:`~LatencyResult.to_dict` is JSON-ready.
+Used by ``peft-gates bench`` and the main job; :func:`measure_latency` returns a :class:`LatencyResult`
+whose :meth:`~LatencyResult.to_dict` is JSON-ready.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,13 +35,19 @@ from torch import nn
 __all__ = [
     "LatencyResult",
     "TimingStats",
+    "compare_latency",
     "measure_decode",
     "measure_latency",
     "measure_prefill",
     "random_input_ids",
+    "rotate_rounds",
+    "speedups",
     "synchronize",
     "time_fn",
 ]
+
+Model = TypeVar("Model")
+Measurement = TypeVar("Measurement")
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -253,6 +263,9 @@ class LatencyResult:
         prefill: timing samples of the prefill forward.
         decode: timing samples of the ``new_tokens`` decode steps; ``None`` when decode was not measured.
         decode_skipped: why decode was not measured (not a generative model, or not asked for).
+        prefill_rounds_s, decode_rounds_s: the median of every round, in round order, when the result is
+            the best of several rounds (:func:`compare_latency`); ``prefill``/``decode`` are then the
+            fastest round's samples. Empty for a single measurement.
     """
 
     batch: int
@@ -266,6 +279,8 @@ class LatencyResult:
     prefill: TimingStats
     decode: TimingStats | None = None
     decode_skipped: str | None = None
+    prefill_rounds_s: list[float] = field(default_factory=list)
+    decode_rounds_s: list[float] = field(default_factory=list)
 
     @property
     def prefill_ms(self) -> float:
@@ -299,6 +314,9 @@ class LatencyResult:
             "decode_ms_per_step": self.decode_ms_per_step,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "decode_skipped": self.decode_skipped,
+            "rounds": max(1, len(self.prefill_rounds_s)),
+            "prefill_rounds_s": list(self.prefill_rounds_s),
+            "decode_rounds_s": list(self.decode_rounds_s),
             "prefill": self.prefill.to_dict(),
             "decode": None if self.decode is None else self.decode.to_dict(),
         }
@@ -377,3 +395,98 @@ def measure_latency(
         decode=timing,
         decode_skipped=skipped,
     )
+
+
+def rotate_rounds(
+    models: Mapping[str, Model],
+    measure: Callable[[Model], Measurement],
+    rounds: int,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, list[Measurement]]:
+    """``measure`` every model ``rounds`` times: all models once per round, the order rotated each round.
+
+    Round ``r`` starts with the ``r``-th model, so no model always runs first (cold caches) or always
+    follows the same one, and slow phases of a shared machine fall on every model alike. Returns each
+    model's measurements in round order; ``on_round`` is called after every round (progress bars).
+    """
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds={rounds!r} is invalid: time every model at least once (rounds >= 1)")
+    names = list(models)
+    if not names:
+        raise ValueError("models is empty: pass at least one model to time")
+    out: dict[str, list[Measurement]] = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            out[name].append(measure(models[name]))
+        if on_round is not None:
+            on_round()
+    return out
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    batch: int = 1,
+    seq_len: int = 128,
+    new_tokens: int = 32,
+    *,
+    rounds: int = 3,
+    repeats: int = 5,
+    warmup: int = 2,
+    decode: bool = True,
+    seed: int = 0,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, LatencyResult]:
+    """:func:`measure_latency` of every model, best of ``rounds`` rotating rounds (see :func:`rotate_rounds`).
+
+    Each model keeps the round with the fastest prefill median and, separately, the round with the fastest
+    decode median (interference only slows a run down, so the fastest round is the least disturbed one);
+    every round's median stays in ``prefill_rounds_s``/``decode_rounds_s``, the spread to report beside a
+    ratio. All models get the same random inputs (same ``seed``) and must fit on their devices together.
+    """
+
+    def measure(model: nn.Module) -> LatencyResult:
+        return measure_latency(
+            model, batch, seq_len, new_tokens, repeats=repeats, warmup=warmup, decode=decode, seed=seed
+        )
+
+    results = {}
+    for name, runs in rotate_rounds(models, measure, rounds, on_round).items():
+        best = min(runs, key=lambda run: run.prefill.median_s)
+        decoded = [run for run in runs if run.decode is not None]
+        best_decode = min(decoded, key=lambda run: run.decode.median_s).decode if decoded else None
+        results[name] = replace(
+            best,
+            decode=best_decode,
+            prefill_rounds_s=[run.prefill.median_s for run in runs],
+            decode_rounds_s=[run.decode.median_s for run in decoded],
+        )
+    return results
+
+
+def speedups(reference: LatencyResult, candidate: LatencyResult) -> dict[str, Any]:
+    """How much faster ``candidate`` is than ``reference``: prefill and decode ratios (> 1: faster).
+
+    ``prefill``/``decode`` compare the best rounds; ``prefill_rounds``/``decode_rounds`` compare round by
+    round (both models were timed in the same round, back to back), so their range is the spread to quote
+    beside the ratio. ``decode`` is ``None`` when either model was timed without decode.
+    """
+    for what in ("prefill_rounds_s", "decode_rounds_s"):
+        if len(getattr(reference, what)) != len(getattr(candidate, what)):
+            raise ValueError(
+                f"{what}: {len(getattr(reference, what))} rounds vs {len(getattr(candidate, what))}; compare "
+                "results of one compare_latency call, whose models were timed in the same rounds"
+            )
+    decode = None
+    if reference.decode is not None and candidate.decode is not None:
+        decode = reference.decode.median_s / candidate.decode.median_s
+    return {
+        "prefill": reference.prefill.median_s / candidate.prefill.median_s,
+        "decode": decode,
+        "prefill_rounds": [
+            r / c for r, c in zip(reference.prefill_rounds_s, candidate.prefill_rounds_s, strict=True)
+        ],
+        "decode_rounds": [
+            r / c for r, c in zip(reference.decode_rounds_s, candidate.decode_rounds_s, strict=True)
+        ],
+    }

@@ -7,6 +7,7 @@ exit codes. The models are tiny random ones saved to a temporary directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from tiny import VOCAB, tiny_config, tiny_inputs, tiny_model
 import peft_gates
 from peft_gates import GateConfig
 from peft_gates.cli import main
-from peft_gates.latency import measure_latency
+from peft_gates.latency import compare_latency, measure_latency, rotate_rounds
 from peft_gates.pruning import layer_widths
 
 
@@ -451,10 +452,12 @@ def test_bench_prints_a_table_and_writes_json(saved, tmp_path, capsys):
                "--multiple-of", 1)[0] == 0  # fmt: skip
     code, out, err = run(
         capsys, "bench", "--dense", saved["base"], "--pruned", export, "--batch", 2, "--seq", 8,
-        "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--threads", 1, "--json", tmp_path / "bench.json",
+        "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--threads", 1, "--rounds", 2,
+        "--json", tmp_path / "bench.json",
     )  # fmt: skip
     assert code == 0, err
     assert "prefill ms" in out and "decode tok/s" in out and "speedup of pruned over dense" in out
+    assert "best of 2 rotating rounds" in out and "(rounds " in out
     lines = out.splitlines()
     assert any(line.startswith("dense ") for line in lines) and any(
         line.startswith("pruned ") for line in lines
@@ -462,6 +465,11 @@ def test_bench_prints_a_table_and_writes_json(saved, tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["results"]["pruned"]["parameters"] < data["results"]["dense"]["parameters"]
     assert data["results"]["dense"]["decode_tokens_per_s"] > 0 and data["speedup"]["prefill"] > 0
+    dense, pruned = data["results"]["dense"], data["results"]["pruned"]
+    assert dense["rounds"] == 2 and len(pruned["decode_rounds_s"]) == 2
+    assert data["speedup"]["prefill_rounds"] == pytest.approx(
+        [d / p for d, p in zip(dense["prefill_rounds_s"], pruned["prefill_rounds_s"], strict=True)]
+    )
     code, _, err = run(
         capsys, "bench", "--dense", saved["base"], "--pruned", export, "--json", tmp_path / "bench.json"
     )
@@ -506,3 +514,71 @@ def test_measure_latency_encoder_and_bad_settings():
         measure_latency(tiny_model("llama"), repeats=0)
     with pytest.raises(ValueError, match=r"new_tokens=-5 is invalid: use an integer >= 0 \(0: prefill"):
         measure_latency(tiny_model("llama"), new_tokens=-5)
+
+
+def test_rotate_rounds_rotates_the_order_and_keeps_round_order():
+    calls = []
+    rounds_done = []
+    timed = rotate_rounds(
+        {"a": "A", "b": "B", "c": "C"},
+        lambda model: calls.append(model) or f"{model}{len(calls)}",
+        rounds=3,
+        on_round=lambda: rounds_done.append(len(calls)),
+    )
+    assert calls == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]  # each round starts one model later
+    assert timed == {"a": ["A1", "A6", "A8"], "b": ["B2", "B4", "B9"], "c": ["C3", "C5", "C7"]}
+    assert rounds_done == [3, 6, 9]
+    with pytest.raises(ValueError, match=r"rounds=0 is invalid: time every model at least once"):
+        rotate_rounds({"a": 1}, lambda m: m, rounds=0)
+    with pytest.raises(ValueError, match="models is empty"):
+        rotate_rounds({}, lambda m: m, rounds=1)
+
+
+def test_compare_latency_keeps_the_fastest_round_of_each_model(monkeypatch):
+    """Prefill and decode each keep their own fastest round; every round's median stays for the spread."""
+    from peft_gates import latency
+
+    medians = {  # per call, in call order: (prefill, decode) medians
+        "dense": iter([(4.0, 9.0), (3.0, 10.0), (5.0, 8.0)]),
+        "pruned": iter([(2.0, 6.0), (2.5, 5.0), (1.5, 7.0)]),
+    }
+
+    def fake_measure(model, *args, **kwargs):
+        prefill, decode = next(medians[model.name])
+        return latency.LatencyResult(
+            batch=2, seq_len=4, new_tokens=1, repeats=1, warmup=0, device="cpu", dtype="float32",
+            parameters=len(model.name), prefill=latency.TimingStats([prefill]),
+            decode=latency.TimingStats([decode]),
+        )  # fmt: skip
+
+    monkeypatch.setattr(latency, "measure_latency", fake_measure)
+    dense, pruned = torch.nn.Module(), torch.nn.Module()
+    dense.name, pruned.name = "dense", "pruned"
+    timed = latency.compare_latency({"dense": dense, "pruned": pruned}, rounds=3)
+    assert timed["dense"].prefill.median_s == 3.0 and timed["dense"].decode.median_s == 8.0
+    assert timed["pruned"].prefill.median_s == 1.5 and timed["pruned"].decode.median_s == 5.0
+    assert timed["dense"].prefill_rounds_s == [4.0, 3.0, 5.0] and timed["pruned"].decode_rounds_s == [
+        6.0,
+        5.0,
+        7.0,
+    ]
+    assert timed["dense"].to_dict()["rounds"] == 3
+    speed = latency.speedups(timed["dense"], timed["pruned"])
+    assert speed["prefill"] == 2.0 and speed["decode"] == 8.0 / 5.0
+    assert speed["prefill_rounds"] == [2.0, 3.0 / 2.5, 5.0 / 1.5]
+    assert speed["decode_rounds"] == [9.0 / 6.0, 2.0, 8.0 / 7.0]
+    single = dataclasses.replace(
+        timed["pruned"], prefill_rounds_s=[], decode_rounds_s=[]
+    )  # a plain measurement
+    with pytest.raises(ValueError, match="3 rounds vs 0; compare results of one compare_latency call"):
+        latency.speedups(timed["dense"], single)
+
+
+def test_compare_latency_on_real_models_times_each_model_every_round():
+    torch.set_num_threads(1)
+    models = {"llama": tiny_model("llama"), "bert": tiny_model("bert")}
+    timed = compare_latency(models, batch=1, seq_len=8, new_tokens=2, rounds=2, repeats=1, warmup=0)
+    assert len(timed["llama"].prefill_rounds_s) == len(timed["llama"].decode_rounds_s) == 2
+    assert timed["llama"].prefill.median_s == min(timed["llama"].prefill_rounds_s)
+    assert timed["bert"].decode is None and timed["bert"].decode_rounds_s == []  # encoders: prefill only
+    assert len(timed["bert"].prefill_rounds_s) == 2

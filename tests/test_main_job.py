@@ -37,7 +37,10 @@ def test_defaults_are_the_documented_recipe():
     [
         (["--placement", "both", "--scale-gates", "rows"], "--scale-gates rows needs --placement units"),
         (["--steps", "20"], "--steps 20 ends before the sparsity term starts"),
-        (["--test-size", "0"], "0 is not a positive integer"),
+        (["--test-size", "0"], "0 is not a positive integer: use an integer >= 1"),
+        (["--sparsity-start", "-1"], "-1 is not a non-negative integer: use an integer >= 0"),
+        (["--sparsity-warmup", "1.5"], "expected an integer >= 0, got '1.5'"),
+        (["--latency-rounds", "0"], "0 is not a positive integer"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_loads(argv, says, capsys):
@@ -61,7 +64,7 @@ def test_main_job_end_to_end_small(tmp_path):
         pytest.skip(f"real assets unavailable: {err}")
     out = tmp_path / "job"
     argv = ["--steps", "8", "--train-size", "32", "--test-size", "16", "--sparsity-start", "0"]
-    argv += ["--sparsity-warmup", "0", "--out", str(out)]
+    argv += ["--sparsity-warmup", "0", "--latency-rounds", "2", "--out", str(out)]
     results = _load_main_job().main(argv)
 
     saved = json.loads((out / "main_job.json").read_text())
@@ -77,8 +80,18 @@ def test_main_job_end_to_end_small(tmp_path):
     removed = results["dense_parameters"] - results["pruned_parameters"]
     assert removed == results["gate_statistics"]["removable_parameters"]
     assert results["removed_fraction"] == pytest.approx(removed / results["dense_parameters"])
-    assert results["prefill_dense_s"] > 0 and results["prefill_pruned_s"] > 0
-    assert results["decode_dense_s"] > 0 and results["decode_pruned_s"] > 0
+    # dense and pruned timed in 2 rotating rounds; the ratios are the best rounds', the spread round by round
+    dense, pruned = results["latency"]["dense"], results["latency"]["pruned"]
+    assert dense["rounds"] == pruned["rounds"] == 2 and len(results["decode_speedup_rounds"]) == 2
+    assert results["prefill_speedup"] == pytest.approx(dense["prefill_ms"] / pruned["prefill_ms"])
+    assert results["decode_speedup"] == pytest.approx(
+        pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+    )
+    assert dense["prefill_ms"] == pytest.approx(1000 * min(dense["prefill_rounds_s"]))
+    assert (dense["parameters"], pruned["parameters"]) == (
+        results["dense_parameters"],
+        results["pruned_parameters"],
+    )
     assert (out / "pruned" / "compression_report.md").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert len(results["train_log"]) >= 1
