@@ -182,6 +182,25 @@ def random_input_ids(
     return torch.randint(low, vocab_size, (batch, seq_len), generator=generator).to(device)
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in recent transformers, ``past_key_values``
+    before (still accepted there, with a deprecation warning on every call site)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned, under its new (``cache``) or former (``past_key_values``) name."""
+    keys = output.keys() if hasattr(output, "keys") else ()
+    for name in ("cache", "past_key_values"):
+        if name in keys:
+            return output[name]
+    return None
+
+
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     """``logits_to_keep=1`` where the model accepts it (causal LMs): generation reads the last position."""
     try:
@@ -226,11 +245,12 @@ def measure_decode(
         raise ValueError(f"new_tokens={new_tokens!r} is invalid: decode at least one token")
     device = prompt_ids.device
     kwargs = _forward_kwargs(model)
+    cache_arg = _cache_argument(model)
     samples = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             out = model(input_ids=prompt_ids, use_cache=True, **kwargs)
-            cache = out.past_key_values
+            cache = _returned_cache(out)
             if cache is None:
                 raise ValueError(
                     f"{type(model).__name__} returned no KV cache: it cannot be timed for decode"
@@ -239,8 +259,8 @@ def measure_decode(
             synchronize(device)
             start = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+                cache = _returned_cache(out)
                 token = out.logits[:, -1:].argmax(-1)
             synchronize(device)
             if i >= warmup:
