@@ -879,12 +879,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _span(ratios: list[float]) -> str:
-    return f" (rounds {min(ratios):.2f}-{max(ratios):.2f}x)" if len(ratios) > 1 else ""
-
-
 def _bench_table(results: dict[str, Any], args: argparse.Namespace, device: Any, dtype: Any) -> str:
-    from .latency import speedups
+    from .latency import speedup_text, speedups
 
     dense = results["dense"]
     decode = dense.decode is not None
@@ -916,10 +912,10 @@ def _bench_table(results: dict[str, Any], args: argparse.Namespace, device: Any,
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
     speed = speedups(results["dense"], results["pruned"])
     summary = (
-        f"\nspeedup of pruned over dense: prefill {speed['prefill']:.2f}x{_span(speed['prefill_rounds'])}"
+        f"\nspeedup of pruned over dense: prefill {speedup_text(speed['prefill'], speed['prefill_rounds'])}"
     )
     if speed["decode"] is not None:
-        summary += f", decode {speed['decode']:.2f}x{_span(speed['decode_rounds'])}"
+        summary += f", decode {speedup_text(speed['decode'], speed['decode_rounds'])}"
     notes = [
         r.decode_skipped for r in results.values() if r.decode_skipped and r.decode_skipped != "not requested"
     ]

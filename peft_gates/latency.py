@@ -41,11 +41,13 @@ __all__ = [
     "measure_prefill",
     "random_input_ids",
     "rotate_rounds",
+    "speedup_text",
     "speedups",
     "synchronize",
     "time_fn",
 ]
 
+Key = TypeVar("Key")
 Model = TypeVar("Model")
 Measurement = TypeVar("Measurement")
 
@@ -418,11 +420,11 @@ def measure_latency(
 
 
 def rotate_rounds(
-    models: Mapping[str, Model],
+    models: Mapping[Key, Model],
     measure: Callable[[Model], Measurement],
     rounds: int,
     on_round: Callable[[], None] | None = None,
-) -> dict[str, list[Measurement]]:
+) -> dict[Key, list[Measurement]]:
     """``measure`` every model ``rounds`` times: all models once per round, the order rotated each round.
 
     Round ``r`` starts with the ``r``-th model, so no model always runs first (cold caches) or always
@@ -434,7 +436,7 @@ def rotate_rounds(
     names = list(models)
     if not names:
         raise ValueError("models is empty: pass at least one model to time")
-    out: dict[str, list[Measurement]] = {name: [] for name in names}
+    out: dict[Key, list[Measurement]] = {name: [] for name in names}
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
@@ -510,3 +512,9 @@ def speedups(reference: LatencyResult, candidate: LatencyResult) -> dict[str, An
             r / c for r, c in zip(reference.decode_rounds_s, candidate.decode_rounds_s, strict=True)
         ],
     }
+
+
+def speedup_text(ratio: float, per_round: list[float]) -> str:
+    """``1.23x``, or ``1.23x (rounds 1.07-1.29x)`` when timed in rounds: a ratio with its spread beside it."""
+    spread = f" (rounds {min(per_round):.2f}-{max(per_round):.2f}x)" if len(per_round) > 1 else ""
+    return f"{ratio:.2f}x{spread}"

@@ -569,6 +569,8 @@ def test_compare_latency_keeps_the_fastest_round_of_each_model(monkeypatch):
     assert speed["prefill"] == 2.0 and speed["decode"] == 8.0 / 5.0
     assert speed["prefill_rounds"] == [2.0, 3.0 / 2.5, 5.0 / 1.5]
     assert speed["decode_rounds"] == [9.0 / 6.0, 2.0, 8.0 / 7.0]
+    assert latency.speedup_text(speed["prefill"], speed["prefill_rounds"]) == "2.00x (rounds 1.20-3.33x)"
+    assert latency.speedup_text(1.234, []) == latency.speedup_text(1.234, [1.234]) == "1.23x"
     single = dataclasses.replace(
         timed["pruned"], prefill_rounds_s=[], decode_rounds_s=[]
     )  # a plain measurement
