@@ -863,14 +863,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             decode=args.new_tokens > 0,
             on_round=bar.update,
         )
-    del models
-    print(_bench_table(results, args, device, dtype))
+    speed = speedups(results["dense"], results["pruned"])
+    print(_bench_table(results, speed, args, device, dtype))
     if json_path is not None:
         payload = {
             "dense_path": str(dense_dir),
             "pruned_path": str(pruned_dir),
             "results": {name: r.to_dict() for name, r in results.items()},
-            "speedup": speedups(results["dense"], results["pruned"]),
+            "speedup": speed,
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(payload, indent=2) + "\n"
@@ -879,8 +879,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_table(results: dict[str, Any], args: argparse.Namespace, device: Any, dtype: Any) -> str:
-    from .latency import speedup_text, speedups
+def _bench_table(
+    results: dict[str, Any], speed: dict[str, Any], args: argparse.Namespace, device: Any, dtype: Any
+) -> str:
+    from .latency import speedup_text
 
     dense = results["dense"]
     decode = dense.decode is not None
@@ -910,7 +912,6 @@ def _bench_table(results: dict[str, Any], args: argparse.Namespace, device: Any,
     lines = [title, ""]
     for row in (header, *rows):
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
-    speed = speedups(results["dense"], results["pruned"])
     summary = (
         f"\nspeedup of pruned over dense: prefill {speedup_text(speed['prefill'], speed['prefill_rounds'])}"
     )
