@@ -325,6 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="movies",
         help="'synthetic' = made-up smoke-test text",
     )
+    parser.add_argument(
+        "--lm-base",
+        type=Path,
+        help="lm part: train on this saved causal LM instead of the installed SmolLM2 (a directory written "
+        "by --save-pruned, to see what a pruned architecture can still learn); the tokenizer is read from it",
+    )
+    parser.add_argument(
+        "--save-pruned",
+        type=Path,
+        help="lm part: save every gate run's pruned model to <dir>/<method>_t<target>_s<seed>/, twice: "
+        "'finetuned' (the merge: kept units with their learned scales) and 'structure' (the same units cut "
+        "from the base weights, every gate that is not closed set to 1)",
+    )
     parser.add_argument("--name", default="accuracy", help="stem of the output files")
     parser.add_argument(
         "--reuse",
@@ -482,6 +495,56 @@ def prune(model: torch.nn.Module, multiple_of: int) -> torch.nn.Module:
     from peft_gates.pruning import prune_and_unload
 
     return prune_and_unload(model, multiple_of=multiple_of)
+
+
+def open_kept_gates(model: torch.nn.Module) -> None:
+    """Set every gate that is not closed to fully open, and drop any low-rank update, in place.
+
+    The merge then cuts exactly the units it cuts from the trained model (closed gates keep their
+    values, so the ranking that width alignment re-keeps by is unchanged) but leaves the kept weights at
+    their base values: the pruned architecture without what training taught it. A scale gate closed
+    at exactly 0 stays 0 too (its side cannot be told from a unit's here); trained models have almost
+    none, their zeros are closed units.
+    """
+    from peft_gates import gates
+    from peft_gates.layer import GateLayer
+
+    fully_open = 10.0  # tanh(10) + 0.5 > 1: eval value 1 after the clamp
+    with torch.no_grad():
+        for layer in model.modules():
+            if not isinstance(layer, GateLayer):
+                continue
+            for store in (layer.peft_gates_row, layer.peft_gates_col):
+                for theta in store.values():
+                    theta.copy_(torch.where(gates.eval_value(theta) > 0, fully_open, theta))
+            for lora_b in layer.peft_gates_lora_B.values():
+                lora_b.zero_()
+
+
+def save_pruned_pair(
+    model: torch.nn.Module, tokenizer: Any, out_dir: Path, multiple_of: int
+) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Prune a trained gate model and save it twice under ``out_dir`` (see ``--save-pruned``).
+
+    Returns the pruned model (as :func:`prune` does) and the two directories. Both exports must come
+    out with the same widths; a difference would mean the structure copy cut other units.
+    """
+    import copy
+
+    from peft_gates import save_pruned
+    from peft_gates.pruning import layer_widths
+
+    structure = copy.deepcopy(model)
+    open_kept_gates(structure)
+    structure = prune(structure, multiple_of)
+    pruned = prune(model, multiple_of)
+    if layer_widths(structure) != layer_widths(pruned):
+        raise RuntimeError("the structure-only copy was pruned to other widths than the trained model")
+    paths = {
+        name: str(save_pruned(m, out_dir / name, tokenizer=tokenizer))
+        for name, m in (("finetuned", pruned), ("structure", structure))
+    }
+    return pruned, paths
 
 
 def history_of(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -991,12 +1054,29 @@ def plot_training(runs: list[dict[str, Any]], args: argparse.Namespace, stem: st
 
 def lm_model_loader(args: argparse.Namespace) -> tuple[Callable[[], tuple[Any, Any]], bool]:
     """(fresh (model, tokenizer) loader, is_real). Reloading is < 1 s from the assets cache."""
+    if args.lm_base is not None:
+        return (lambda: load_saved_lm(args.lm_base)), True
     if args.model == "tiny":
         tokenizer = common.tiny_tokenizer()
         return (lambda: (common.tiny_causal_lm(tokenizer), tokenizer)), False
     from peft_gates import assets
 
     return (lambda: common.load_asset(assets.load_smollm2)), True
+
+
+def load_saved_lm(path: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved causal LM, e.g. an export of ``--save-pruned``."""
+    if not (path / "config.json").is_file():
+        raise SystemExit(
+            f"error: --lm-base {path}: no config.json there; give a directory written by --save-pruned "
+            "(or by peft_gates.save_pruned / save_pretrained)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_gates  # noqa: F401  (registers the pruned architectures with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def run_lm_one(
@@ -1104,13 +1184,26 @@ def run_lm_one(
     if gated:
         run["recipe"] = asdict(recipe)
         run.update(removal_stats(model, args.multiple_of))
-        pruned = prune(model, args.multiple_of)
+        if args.save_pruned is None:
+            pruned = prune(model, args.multiple_of)
+        else:
+            out_dir = args.save_pruned / f"{method}_t{target}_s{seed}"
+            pruned, run["saved"] = save_pruned_pair(model, tokenizer, out_dir, args.multiple_of)
         run["accuracy_pruned"] = score(pruned)
         run["params_pruned_model"] = common.count_parameters(pruned)
         run["removed_model_measured"] = 1 - run["params_pruned_model"] / total_params
     else:
         run.update(accuracy_pruned=run["accuracy"], removed_block=0.0, removed_model=0.0)
     return run
+
+
+def lm_model_name(args: argparse.Namespace) -> str:
+    """What the results JSON calls the LM (``--reuse`` refuses to mix runs of different ones)."""
+    if args.lm_base is not None:
+        return f"saved model {args.lm_base}"
+    if args.model == "tiny":
+        return "tiny-random-llama"
+    return "SmolLM2-135M-Instruct"
 
 
 def run_lm(args: argparse.Namespace) -> dict[str, Any]:
@@ -1133,7 +1226,7 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     payload = payload_head(
         args,
         "lm",
-        "tiny-random-llama" if args.model == "tiny" else "SmolLM2-135M-Instruct",
+        lm_model_name(args),
         (train, test, settings),
         args.lm_recipe,
         recipe,

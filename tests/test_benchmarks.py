@@ -191,6 +191,51 @@ def test_removal_accounting_matches_the_pruned_model():
     assert measured == pytest.approx(stats["removed_model"], abs=1e-9)
 
 
+def test_saved_pruned_pair_cuts_the_same_units_and_trains_again(tmp_path, capsys):
+    """``--save-pruned`` writes the merge and a copy with the same widths but the base weights, and
+    ``--lm-base`` trains on such an export (what a pruned architecture can still learn)."""
+    import copy
+
+    from peft import get_peft_model
+
+    from peft_gates import GateConfig
+    from peft_gates.layer import GateLayer
+    from peft_gates.pruning import layer_widths, plan_pruning
+
+    tok = common.tiny_tokenizer()
+    base = common.tiny_causal_lm(tok)
+    dense = copy.deepcopy(base)
+    model = get_peft_model(base, GateConfig(task_type="CAUSAL_LM", placement="units", scale_gates="both"))
+    with torch.no_grad():  # every third unit closed; every other gate at a fractional scale
+        for layer in model.modules():
+            if isinstance(layer, GateLayer):
+                for side, theta in layer.gate_vectors("default").items():
+                    closed = torch.arange(theta.numel()) % 3 == 0
+                    closed &= side in layer.regularized["default"]
+                    theta.copy_(torch.where(closed, -3.0, 0.2))
+    kept = plan_pruning(model, multiple_of=1).layers[0].kept_neurons
+    pruned, paths = accuracy.save_pruned_pair(model, tok, tmp_path / "run", multiple_of=1)
+    assert set(paths) == {"finetuned", "structure"}
+    from transformers import AutoModelForCausalLM
+
+    finetuned = AutoModelForCausalLM.from_pretrained(paths["finetuned"])
+    structure = AutoModelForCausalLM.from_pretrained(paths["structure"])
+    assert layer_widths(finetuned) == layer_widths(structure) == layer_widths(pruned)
+    assert common.count_parameters(structure) < common.count_parameters(dense)
+    up = "model.layers.0.mlp.up_proj.weight"
+    base_up = dense.state_dict()[up][kept]
+    assert torch.equal(structure.state_dict()[up], base_up)  # the base weights, unscaled
+    assert not torch.allclose(finetuned.state_dict()[up], base_up)  # the learned scales folded in
+
+    argv = ["--part", "lm", *SMALL, "--batch-size", "4", "--lm-methods", "lora", "--no-plots"]
+    accuracy.main([*argv, "--lm-base", paths["structure"], "--out-dir", str(tmp_path)])
+    data = _json(tmp_path / "accuracy_lm.json")
+    assert data["model"] == f"saved model {paths['structure']}"
+    assert data["runs"][0]["total_params"] == common.count_parameters(structure)
+    with pytest.raises(SystemExit, match="--lm-base .*no config.json"):
+        accuracy.main([*argv, "--lm-base", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
+
+
 def test_recipe_flags_override_the_named_recipe():
     args = accuracy.build_parser().parse_args(
         ["--recipe", "reference", "--gate-lr", "0.05", "--delay", "0.5"]
