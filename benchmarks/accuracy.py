@@ -1093,6 +1093,14 @@ def run_lm_one(
     """Zero-shot score, or SFT (LoRA / IA3 / gates) with TRL's SFTTrainer; score gated and pruned models."""
     from peft_gates import assets
 
+    save_dir = None
+    if args.save_pruned is not None and method.startswith("gates-"):
+        save_dir = args.save_pruned / f"{method}_t{target}_s{seed}"
+        if save_dir.exists() and any(save_dir.iterdir()):  # refused before the training, not after it
+            raise SystemExit(
+                f"error: --save-pruned {args.save_pruned}: {save_dir} already holds a saved run; pick "
+                "another --save-pruned directory or remove that one"
+            )
     common.seed_everything(seed)
     model, tokenizer = load()
     model.to(args.device_obj)  # the Trainer moves it anyway; zero-shot scoring has no Trainer
@@ -1184,11 +1192,10 @@ def run_lm_one(
     if gated:
         run["recipe"] = asdict(recipe)
         run.update(removal_stats(model, args.multiple_of))
-        if args.save_pruned is None:
+        if save_dir is None:
             pruned = prune(model, args.multiple_of)
         else:
-            out_dir = args.save_pruned / f"{method}_t{target}_s{seed}"
-            pruned, run["saved"] = save_pruned_pair(model, tokenizer, out_dir, args.multiple_of)
+            pruned, run["saved"] = save_pruned_pair(model, tokenizer, save_dir, args.multiple_of)
         run["accuracy_pruned"] = score(pruned)
         run["params_pruned_model"] = common.count_parameters(pruned)
         run["removed_model_measured"] = 1 - run["params_pruned_model"] / total_params
@@ -1253,6 +1260,9 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the selected part(s); returns ``{"cls": payload, "lm": payload}`` (what the JSON files hold)."""
     args = build_parser().parse_args(argv)
+    if args.part == "cls" and (args.save_pruned or args.lm_base):
+        flag = "--save-pruned" if args.save_pruned else "--lm-base"
+        raise SystemExit(f"error: {flag} applies to the lm part, not to --part cls; use --part lm or both")
     common.setup_run(args)
     args.device_obj = common.resolve_device(args.device)
     with contextlib.suppress(ImportError):

@@ -234,6 +234,25 @@ def test_saved_pruned_pair_cuts_the_same_units_and_trains_again(tmp_path, capsys
     assert data["runs"][0]["total_params"] == common.count_parameters(structure)
     with pytest.raises(SystemExit, match="--lm-base .*no config.json"):
         accuracy.main([*argv, "--lm-base", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--save-pruned applies to the lm part"):
+        accuracy.main(["--part", "cls", "--save-pruned", str(tmp_path)])
+    # a directory that already holds a run is refused before training, so nothing saved is replaced
+    gates = [
+        "--part",
+        "lm",
+        *TINY,
+        *SMALL,
+        "--lm-methods",
+        "gates-units",
+        "--lm-targets",
+        "0.3",
+        "--no-plots",
+    ]
+    (tmp_path / "saved" / "gates-units_t0.3_s0").mkdir(parents=True)
+    (tmp_path / "saved" / "gates-units_t0.3_s0" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="already holds a saved run"):
+        accuracy.main([*gates, "--save-pruned", str(tmp_path / "saved"), "--out-dir", str(tmp_path)])
+    assert (tmp_path / "saved" / "gates-units_t0.3_s0" / "keep.txt").read_text() == "mine"
 
 
 def test_recipe_flags_override_the_named_recipe():
