@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import tempfile
@@ -529,8 +530,6 @@ def save_pruned_pair(
     Returns the pruned model (as :func:`prune` does) and the two directories. Both exports must come
     out with the same widths; a difference would mean the structure copy cut other units.
     """
-    import copy
-
     from peft_gates import save_pruned
     from peft_gates.pruning import layer_widths
 

@@ -7,6 +7,7 @@ data or plotting packages must stop a benchmark with a message that names what t
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import subprocess
@@ -194,8 +195,6 @@ def test_removal_accounting_matches_the_pruned_model():
 def test_saved_pruned_pair_cuts_the_same_units_and_trains_again(tmp_path, capsys):
     """``--save-pruned`` writes the merge and a copy with the same widths but the base weights, and
     ``--lm-base`` trains on such an export (what a pruned architecture can still learn)."""
-    import copy
-
     from peft import get_peft_model
 
     from peft_gates import GateConfig
