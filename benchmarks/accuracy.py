@@ -250,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--seeds", type=int, help="training seeds 0..N-1: head/gate init, order, noise (default 1)"
     )
+    data.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first of the --seeds training seeds (default 0): --first-seed 2 --seeds 1 trains seed 2 "
+        "alone, so one setting's seeds can run in separate processes",
+    )
     data.add_argument("--max-length", type=int, help="token truncation (default 64 / 256)")
     data.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split (same for all)")
     methods = parser.add_argument_group("methods")
@@ -363,6 +370,16 @@ def part_settings(args: argparse.Namespace, defaults: PartSettings) -> PartSetti
     """Per-part defaults overridden by whatever flags were given."""
     given = {k: getattr(args, k) for k in asdict(defaults) if getattr(args, k, None) is not None}
     return replace(defaults, **given)
+
+
+def seed_range(args: argparse.Namespace, settings: PartSettings) -> range:
+    """The training seeds of this invocation: ``--seeds`` of them from ``--first-seed``."""
+    return range(args.first_seed, args.first_seed + settings.seeds)
+
+
+def seeds_text(args: argparse.Namespace, settings: PartSettings) -> str:
+    """``3 seed(s)``, or ``1 seed(s) from seed 2`` for a split run (table titles)."""
+    return f"{settings.seeds} seed(s)" + (f" from seed {args.first_seed}" if args.first_seed else "")
 
 
 def resolve_recipe(args: argparse.Namespace, name: str, methods: Sequence[str] = ()) -> Recipe:
@@ -871,6 +888,7 @@ def payload_head(
         "n_train": len(train),
         "n_test": len(test),
         "settings": asdict(settings),
+        "first_seed": args.first_seed,
         "recipe_name": recipe_name,
         "recipe": asdict(recipe),
     }
@@ -927,7 +945,7 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
         (m, t, s)
         for m in methods
         for t in (targets if m.startswith("gates-") else [None])
-        for s in range(settings.seeds)
+        for s in seed_range(args, settings)
     ]
     payload = payload_head(
         args,
@@ -947,7 +965,7 @@ def run_cls(args: argparse.Namespace) -> dict[str, Any]:
     title = (
         f"MiniLM-L6 sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
         f"{len(train)} train / {len(test)} test, {runs[0]['steps']} steps x batch {settings.batch_size}, "
-        f"{settings.seeds} seed(s); recipe {args.recipe}"
+        f"{seeds_text(args, settings)}; recipe {args.recipe}"
     )
     write_results(args, payload, title)
     if not args.no_plots:
@@ -1227,7 +1245,7 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     train, test = load_data(args, settings)
     jobs = []
     for method in methods:
-        seeds = [0] if method == "zero-shot" else range(settings.seeds)
+        seeds = [0] if method == "zero-shot" else seed_range(args, settings)
         jobs += [(method, t, s) for t in (targets if method.startswith("gates-") else [None]) for s in seeds]
     payload = payload_head(
         args,
@@ -1244,7 +1262,7 @@ def run_lm(args: argparse.Namespace) -> dict[str, Any]:
     )
     title = (
         f"SmolLM2-135M-Instruct SFT sentiment ({'tiny random' if args.model == 'tiny' else 'real weights'}): "
-        f"{len(train)} train / {len(test)} test, batch {settings.batch_size}, {settings.seeds} seed(s); "
+        f"{len(train)} train / {len(test)} test, batch {settings.batch_size}, {seeds_text(args, settings)}; "
         f"recipe {args.lm_recipe}"
     )
     write_results(args, payload, title)
@@ -1262,6 +1280,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.part == "cls" and (args.save_pruned or args.lm_base):
         flag = "--save-pruned" if args.save_pruned else "--lm-base"
         raise SystemExit(f"error: {flag} applies to the lm part, not to --part cls; use --part lm or both")
+    if args.first_seed < 0:
+        raise SystemExit(f"error: --first-seed {args.first_seed} is negative; seeds count from 0")
     common.setup_run(args)
     args.device_obj = common.resolve_device(args.device)
     with contextlib.suppress(ImportError):

@@ -88,6 +88,27 @@ def test_accuracy_reuse_keeps_earlier_runs_and_refuses_another_setting(tmp_path,
         accuracy.main([*argv, "--reuse", str(tmp_path / "missing.json")])
 
 
+def test_first_seed_trains_later_seeds_alone_and_reuse_joins_them(tmp_path, monkeypatch):
+    """``--first-seed`` splits one setting's seeds across processes; ``--reuse`` joins their files."""
+    argv = ["--part", "cls", *TINY, *SMALL, "--methods", "lora-qv", "--out-dir", str(tmp_path), "--no-plots"]
+    trained: list[tuple] = []
+    real = accuracy.run_cls_one
+    monkeypatch.setattr(accuracy, "run_cls_one", lambda *a, **k: trained.append(a[:3]) or real(*a, **k))
+    accuracy.main([*argv, "--first-seed", "2", "--name", "late"])
+    late = _json(tmp_path / "late_cls.json")
+    assert trained == [("lora-qv", None, 2)] and [r["seed"] for r in late["runs"]] == [2]
+    assert late["first_seed"] == 2
+    joined = accuracy.main(
+        [*argv, "--seeds", "3", "--name", "all", "--reuse", str(tmp_path / "late_cls.json")]
+    )
+    assert trained[1:] == [("lora-qv", None, 0), ("lora-qv", None, 1)]  # seed 2 came from the earlier file
+    assert [r["seed"] for r in joined["cls"]["runs"]] == [0, 1, 2] and joined["cls"]["summary"][0][
+        "seeds"
+    ] == 3
+    with pytest.raises(SystemExit, match="--first-seed -1 is negative"):
+        accuracy.main([*argv, "--first-seed", "-1"])
+
+
 def test_accuracy_saves_finished_runs_so_a_stopped_run_resumes(tmp_path, monkeypatch):
     argv = ["--part", "cls", *TINY, *SMALL, "--methods", "lora-qv", "--seeds", "2", "--no-plots"]
     argv += ["--out-dir", str(tmp_path), "--name", "long"]
