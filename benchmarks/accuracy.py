@@ -1046,11 +1046,16 @@ def plot_tradeoff(rows: list[dict[str, Any]], args: argparse.Namespace, stem: st
 
 
 def plot_training(runs: list[dict[str, Any]], args: argparse.Namespace, stem: str) -> Any:
-    """Loss, realized gate sparsity and lambda against the step, for the first seed of every run."""
+    """Loss, realized gate sparsity and lambda against the step, for the lowest seed of every
+    (method, target): seed 0, or the ``--first-seed`` of a run that starts later."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    lowest: dict[tuple[str, Any], int] = {}
     for run in runs:
-        if run["seed"] != 0 or not run["history"]:
+        key = (run["method"], run.get("target"))
+        lowest[key] = min(lowest.get(key, run["seed"]), run["seed"])
+    for run in runs:
+        if run["seed"] != lowest[(run["method"], run.get("target"))] or not run["history"]:
             continue
         label = run["method"] + (f" t={run['target']}" if run.get("target") is not None else "")
         steps = [h["step"] for h in run["history"]]
@@ -1062,7 +1067,8 @@ def plot_training(runs: list[dict[str, Any]], args: argparse.Namespace, stem: st
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].lines:  # zero-shot alone draws nothing to label
+        axes[0].legend(fontsize=7)
     return common.save_figure(fig, args.out_dir / f"{stem}_training.png")
 
 

@@ -7,6 +7,7 @@ data or plotting packages must stop a benchmark with a message that names what t
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.metadata
 import json
@@ -107,6 +108,20 @@ def test_first_seed_trains_later_seeds_alone_and_reuse_joins_them(tmp_path, monk
     ] == 3
     with pytest.raises(SystemExit, match="--first-seed -1 is negative"):
         accuracy.main([*argv, "--first-seed", "-1"])
+
+
+def test_training_plot_draws_the_lowest_seed_of_every_run(tmp_path, monkeypatch):
+    """A run split with ``--first-seed`` still plots its curves (it has no seed 0)."""
+    step = {"step": 1, "loss": 0.5, "sparsity_realized": 0.1, "sparsity_lambda": 1.0}
+    runs = [
+        {"method": "zero-shot", "target": None, "seed": 0, "history": []},
+        {"method": "gates-units", "target": 0.25, "seed": 1, "history": [step, {**step, "step": 2}]},
+        {"method": "gates-units", "target": 0.25, "seed": 2, "history": [step]},
+    ]
+    figures = []
+    monkeypatch.setattr(common, "save_figure", lambda fig, path: figures.append(fig) or path)
+    accuracy.plot_training(runs, argparse.Namespace(out_dir=tmp_path), "split")
+    assert [[len(line.get_xdata()) for line in ax.lines] for ax in figures[0].axes] == [[2], [2], [2]]
 
 
 def test_accuracy_saves_finished_runs_so_a_stopped_run_resumes(tmp_path, monkeypatch):
