@@ -342,9 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-pruned",
         type=Path,
-        help="lm part: save every gate run's pruned model to <dir>/<method>_t<target>_s<seed>/, twice: "
-        "'finetuned' (the merge: kept units with their learned scales) and 'structure' (the same units cut "
-        "from the base weights, every gate that is not closed set to 1)",
+        help="lm part: save every gate run's pruned model to <dir>/<method>_t<target>_s<seed>/, three times: "
+        "'finetuned' (the merge: kept units with their learned scales), 'structure' (the same units cut "
+        "from the base weights, every gate that is not closed set to 1) and 'random' (as many units of each "
+        "kind cut from every layer of the base weights, drawn at random with the run's seed)",
     )
     parser.add_argument("--name", default="accuracy", help="stem of the output files")
     parser.add_argument(
@@ -539,26 +540,50 @@ def open_kept_gates(model: torch.nn.Module) -> None:
                 lora_b.zero_()
 
 
-def save_pruned_pair(
-    model: torch.nn.Module, tokenizer: Any, out_dir: Path, multiple_of: int
-) -> tuple[torch.nn.Module, dict[str, str]]:
-    """Prune a trained gate model and save it twice under ``out_dir`` (see ``--save-pruned``).
+def shuffle_unit_gates(model: torch.nn.Module, seed: int) -> None:
+    """Permute every vector of unit gates at random, in place: each layer closes as many units of each
+    kind as training closed, but drawn at random instead of chosen by the task.
 
-    Returns the pruned model (as :func:`prune` does) and the two directories. Both exports must come
-    out with the same widths; a difference would mean the structure copy cut other units.
+    Only the sides the sparsity term acts on move (the unit gates); the scale gates keep their place.
+    """
+    from peft_gates.layer import GateLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if not isinstance(layer, GateLayer):
+                continue
+            for adapter, sides in layer.regularized.items():
+                for side, theta in layer.gate_vectors(adapter).items():
+                    if side in sides:
+                        theta.copy_(
+                            theta.flatten()[torch.randperm(theta.numel(), generator=generator)].view_as(theta)
+                        )
+
+
+def save_pruned_copies(
+    model: torch.nn.Module, tokenizer: Any, out_dir: Path, multiple_of: int, seed: int
+) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Prune a trained gate model and save it three times under ``out_dir`` (see ``--save-pruned``).
+
+    Returns the pruned model (as :func:`prune` does) and the three directories. All three exports must
+    come out with the same widths; a difference would mean a copy cut another number of units.
     """
     from peft_gates import save_pruned
     from peft_gates.pruning import layer_widths
 
     structure = copy.deepcopy(model)
     open_kept_gates(structure)
-    structure = prune(structure, multiple_of)
+    random_units = copy.deepcopy(structure)
+    shuffle_unit_gates(random_units, seed)
+    copies = {"structure": prune(structure, multiple_of), "random": prune(random_units, multiple_of)}
     pruned = prune(model, multiple_of)
-    if layer_widths(structure) != layer_widths(pruned):
-        raise RuntimeError("the structure-only copy was pruned to other widths than the trained model")
+    for name, other in copies.items():
+        if layer_widths(other) != layer_widths(pruned):
+            raise RuntimeError(f"the {name} copy was pruned to other widths than the trained model")
     paths = {
         name: str(save_pruned(m, out_dir / name, tokenizer=tokenizer))
-        for name, m in (("finetuned", pruned), ("structure", structure))
+        for name, m in (("finetuned", pruned), *copies.items())
     }
     return pruned, paths
 
@@ -1218,7 +1243,7 @@ def run_lm_one(
         if save_dir is None:
             pruned = prune(model, args.multiple_of)
         else:
-            pruned, run["saved"] = save_pruned_pair(model, tokenizer, save_dir, args.multiple_of)
+            pruned, run["saved"] = save_pruned_copies(model, tokenizer, save_dir, args.multiple_of, seed)
         run["accuracy_pruned"] = score(pruned)
         run["params_pruned_model"] = common.count_parameters(pruned)
         run["removed_model_measured"] = 1 - run["params_pruned_model"] / total_params

@@ -229,8 +229,9 @@ def test_removal_accounting_matches_the_pruned_model():
 
 
 def test_saved_pruned_pair_cuts_the_same_units_and_trains_again(tmp_path, capsys):
-    """``--save-pruned`` writes the merge and a copy with the same widths but the base weights, and
-    ``--lm-base`` trains on such an export (what a pruned architecture can still learn)."""
+    """``--save-pruned`` writes the merge, a copy with the same widths but the base weights and one with
+    the same widths but units drawn at random, and ``--lm-base`` trains on such an export (what a pruned
+    architecture can still learn)."""
     from peft import get_peft_model
 
     from peft_gates import GateConfig
@@ -249,18 +250,28 @@ def test_saved_pruned_pair_cuts_the_same_units_and_trains_again(tmp_path, capsys
                     closed &= side in layer.regularized["default"]
                     theta.copy_(torch.where(closed, -3.0, 0.2))
     kept = plan_pruning(model, multiple_of=1).layers[0].kept_neurons
-    pruned, paths = accuracy.save_pruned_pair(model, tok, tmp_path / "run", multiple_of=1)
-    assert set(paths) == {"finetuned", "structure"}
+    pruned, paths = accuracy.save_pruned_copies(model, tok, tmp_path / "run", multiple_of=1, seed=0)
+    assert set(paths) == {"finetuned", "structure", "random"}
     from transformers import AutoModelForCausalLM
 
-    finetuned = AutoModelForCausalLM.from_pretrained(paths["finetuned"])
-    structure = AutoModelForCausalLM.from_pretrained(paths["structure"])
-    assert layer_widths(finetuned) == layer_widths(structure) == layer_widths(pruned)
+    finetuned, structure, random_units = (
+        AutoModelForCausalLM.from_pretrained(paths[name]) for name in ("finetuned", "structure", "random")
+    )
+    assert (
+        layer_widths(finetuned)
+        == layer_widths(structure)
+        == layer_widths(random_units)
+        == layer_widths(pruned)
+    )
     assert common.count_parameters(structure) < common.count_parameters(dense)
     up = "model.layers.0.mlp.up_proj.weight"
     base_up = dense.state_dict()[up][kept]
     assert torch.equal(structure.state_dict()[up], base_up)  # the base weights, unscaled
     assert not torch.allclose(finetuned.state_dict()[up], base_up)  # the learned scales folded in
+    # the random copy keeps as many base rows, but others than the ones the gates chose
+    random_up, all_up = random_units.state_dict()[up], dense.state_dict()[up]
+    rows = [int(torch.nonzero((all_up == row).all(dim=1))[0]) for row in random_up]
+    assert len(rows) == len(kept) and rows != kept
 
     argv = ["--part", "lm", *SMALL, "--batch-size", "4", "--lm-methods", "lora", "--no-plots"]
     accuracy.main([*argv, "--lm-base", paths["structure"], "--out-dir", str(tmp_path)])
