@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--steps", type=int, help="optimizer steps; > 0 overrides --epochs (default 0)")
     data.add_argument("--batch-size", type=int, help="per-step batch (default 32 / 8)")
     data.add_argument(
-        "--seeds", type=int, help="training seeds 0..N-1: head/gate init, order, noise (default 1)"
+        "--seeds", type=int, help="training seeds from --first-seed: head/gate init, order, noise (default 1)"
     )
     data.add_argument(
         "--first-seed",
