@@ -540,25 +540,84 @@ def open_kept_gates(model: torch.nn.Module) -> None:
                 lora_b.zero_()
 
 
-def shuffle_unit_gates(model: torch.nn.Module, seed: int) -> None:
-    """Permute every vector of unit gates at random, in place: each layer closes as many units of each
-    kind as training closed, but drawn at random instead of chosen by the task.
+def _permute_units(theta: torch.Tensor, perm: torch.Tensor, parts: Sequence[int]) -> torch.Tensor:
+    """``theta`` with the blocks of every unit reordered by ``perm``.
 
-    Only the sides the sparsity term acts on move (the unit gates); the scale gates keep their place.
+    ``theta`` is split into consecutive parts in the proportions ``parts`` (a fused module's segments:
+    ``[q | k | v]`` rows are ``heads_per_unit : 1 : 1`` per unit), each part into ``len(perm)`` equal
+    blocks, one per unit, so a unit's rows or columns move together.
+    """
+    units, whole = len(perm), sum(parts)
+    if theta.numel() % (whole * units):
+        raise ValueError(
+            f"a gate vector of {theta.numel()} entries does not split into {units} units: its "
+            "column_group_size cuts across units; use a group size that divides the unit width"
+        )
+    sizes = [theta.numel() // whole * part for part in parts]
+    pieces = [piece.reshape(units, -1)[perm].flatten() for piece in theta.flatten().split(sizes)]
+    return torch.cat(pieces).view_as(theta)
+
+
+def _coupled_sides(model: torch.nn.Module) -> dict[tuple[int, str], tuple[str, int, tuple[int, ...]]]:
+    """``(id(module), side) -> (unit kind, units, parts)`` for every gate side that a unit owns.
+
+    Read from the architecture table: an MLP neuron owns its rows of ``mlp_rows`` (one per fused
+    segment) and its column of ``mlp_out``; an attention unit its q/k/v rows and its ``attn_out``
+    columns. The unit kind is named per block (``"3.neuron"``); column groups make units coarser.
+    """
+    from peft_gates.architectures import arch_spec, attention_shape, find_blocks
+    from peft_gates.layer import in_out_features
+
+    spec = arch_spec(getattr(model.config, "model_type", None))
+    if spec is None:
+        return {}
+    shape = attention_shape(spec, model.config)
+    sides: dict[tuple[int, str], tuple[str, int, tuple[int, ...]]] = {}
+    for i, block in enumerate(find_blocks(model, spec)[1]):
+        mlp_out, attn_out = block.get_submodule(spec.mlp_out), block.get_submodule(spec.attn_out)
+        group = max(getattr(mlp_out, "column_group", {}).values(), default=1)
+        neurons = (f"{i}.neuron", in_out_features(mlp_out)[0] // group)
+        attention = (f"{i}.attention", in_out_features(attn_out)[0] // shape.unit_width)
+        owned = [(name, "rows", neurons, (1,) * spec.fused_mlp_segments) for name in spec.mlp_rows]
+        owned.append((spec.mlp_out, "columns", neurons, (1,)))
+        owned += [(name, "rows", attention, (1,)) for name in (spec.q, spec.k, spec.v) if name]
+        if spec.qkv:
+            owned.append((spec.qkv, "rows", attention, (shape.heads_per_unit, 1, 1)))
+        owned.append((spec.attn_out, "columns", attention, (1,)))
+        for name, side, (kind, units), parts in owned:
+            sides[(id(block.get_submodule(name)), side)] = (kind, units, parts)
+    return sides
+
+
+def shuffle_unit_gates(model: torch.nn.Module, seed: int) -> None:
+    """Permute the unit gates at random, in place: each layer closes as many units of each kind as
+    training closed, but drawn at random instead of chosen by the task.
+
+    One permutation per block and unit kind moves a unit's gates on every module it spans together:
+    with row and column gates (``gates-both``) a unit is cut when any of its gates is closed, and
+    permuting each vector on its own would cut more units than training did. Regularized sides no
+    unit owns (q/k/v columns, ...) are permuted on their own; scale gates keep their place.
     """
     from peft_gates.layer import GateLayer
 
     generator = torch.Generator().manual_seed(seed)
+    coupled = _coupled_sides(model)
+    perms: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for layer in model.modules():
             if not isinstance(layer, GateLayer):
                 continue
             for adapter, sides in layer.regularized.items():
                 for side, theta in layer.gate_vectors(adapter).items():
-                    if side in sides:
-                        theta.copy_(
-                            theta.flatten()[torch.randperm(theta.numel(), generator=generator)].view_as(theta)
-                        )
+                    if side not in sides:
+                        continue
+                    kind, units, parts = coupled.get((id(layer), side), (None, theta.numel(), (1,)))
+                    perm = perms.get(kind) if kind else None
+                    if perm is None:
+                        perm = torch.randperm(units, generator=generator)
+                        if kind:
+                            perms[kind] = perm
+                    theta.copy_(_permute_units(theta, perm, parts))
 
 
 def save_pruned_copies(

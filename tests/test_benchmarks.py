@@ -299,6 +299,82 @@ def test_saved_pruned_pair_cuts_the_same_units_and_trains_again(tmp_path, capsys
     with pytest.raises(SystemExit, match="already holds a saved run"):
         accuracy.main([*gates, "--save-pruned", str(tmp_path / "saved"), "--out-dir", str(tmp_path)])
     assert (tmp_path / "saved" / "gates-units_t0.3_s0" / "keep.txt").read_text() == "mine"
+    # row and column gates save their three copies too
+    gates[gates.index("gates-units")] = "gates-both"
+    accuracy.main([*gates, "--save-pruned", str(tmp_path / "saved"), "--out-dir", str(tmp_path)])
+    saved = tmp_path / "saved" / "gates-both_t0.3_s0"
+    assert sorted(p.name for p in saved.iterdir()) == ["finetuned", "random", "structure"]
+
+
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [
+        ("llama", {"placement": "units", "scale_gates": "both"}),
+        ("llama", {"placement": "both", "target_modules": "all-linear"}),
+        ("llama", {"placement": "both", "target_modules": "all-linear", "column_group_size": 8}),
+        ("phi3", {"placement": "both", "target_modules": "all-linear"}),
+        ("gpt2", {"placement": "both", "target_modules": ["c_attn", "c_proj", "c_fc"]}),
+    ],
+    ids=["units", "both", "both-grouped", "both-fused", "both-conv1d"],
+)
+def test_random_units_close_as_many_units_as_training_did(family, config):
+    """``shuffle_unit_gates`` draws other units but as many per layer and kind, whatever the placement:
+    with row and column gates a unit is cut when any of its gates is closed, so the gates of one unit
+    must move together (permuting each vector on its own cut more units, and --save-pruned failed)."""
+    from peft import get_peft_model
+    from tiny import tiny_model
+
+    from peft_gates import GateConfig
+    from peft_gates.layer import GateLayer
+    from peft_gates.pruning import plan_pruning
+
+    model = get_peft_model(tiny_model(family), GateConfig(task_type="CAUSAL_LM", **config))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a quarter of the regularized gates closed, at random; scale gates open
+        for layer in model.modules():
+            if isinstance(layer, GateLayer):
+                for side, theta in layer.gate_vectors("default").items():
+                    closed = torch.rand(theta.shape, generator=generator) < 0.25
+                    closed &= side in layer.regularized["default"]
+                    theta.copy_(torch.where(closed, -3.0, torch.rand(theta.shape, generator=generator)))
+    before = {name: theta.clone() for name, theta in model.named_parameters() if "peft_gates" in name}
+    unit_gates = {  # names of the regularized gate vectors; the others are scale gates
+        f"{module}.peft_gates_{side[:3] if side == 'columns' else 'row'}.default"
+        for module, layer in model.named_modules()
+        if isinstance(layer, GateLayer)
+        for side in layer.regularized["default"]
+    }
+    trained = plan_pruning(model, multiple_of=1).layers
+    accuracy.shuffle_unit_gates(model, seed=0)
+    shuffled = plan_pruning(model, multiple_of=1).layers
+    assert [(len(p.kept_neurons), len(p.kept_units)) for p in shuffled] == [
+        (len(p.kept_neurons), len(p.kept_units)) for p in trained
+    ]
+    assert any(p.closed_neurons for p in trained)
+    assert [p.kept_neurons for p in shuffled] != [p.kept_neurons for p in trained]
+    after = dict(model.named_parameters())
+    assert unit_gates <= after.keys()
+    for name, theta in before.items():  # unit gates keep their values in another order; scale gates stay
+        moved = after[name].detach()
+        if name in unit_gates:
+            assert torch.equal(theta.flatten().sort().values, moved.flatten().sort().values), name
+        else:
+            assert torch.equal(theta, moved), name
+
+
+def test_random_units_refuse_column_groups_that_cut_across_units():
+    from peft import get_peft_model
+    from tiny import tiny_model
+
+    from peft_gates import GateConfig
+
+    config = GateConfig(
+        task_type="CAUSAL_LM", placement="both", target_modules=["o_proj"], column_group_size=32
+    )
+    model = get_peft_model(tiny_model("llama"), config)
+    match = "does not split into 2 units.*group size that divides the unit width"
+    with pytest.raises(ValueError, match=match):
+        accuracy.shuffle_unit_gates(model, seed=0)
 
 
 def test_recipe_flags_override_the_named_recipe():
