@@ -799,6 +799,25 @@ def plan_pruning(
 # --------------------------------------------------------------------------------------------------
 
 
+def _keep_trained_copies(model: nn.Module, adapter_names: Sequence[str]) -> None:
+    """Put the trained ``modules_to_save`` copy of the merged adapter in place of each wrapper.
+
+    A classifier head trained beside the gates is part of the finetuned model, so the merge must keep it.
+    PEFT's ``unload()`` stopped doing that in peft 0.22 (it now returns the original, untrained module;
+    only a merging unload keeps the copy), and a merging unload would fold the gates a second time. So
+    the copies are placed here, before ``unload()``, which then has no wrapper left to decide on. A
+    wrapper that none of ``adapter_names`` trained keeps its original module.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, wrapper in wrappers:
+        trained = next((a for a in adapter_names if a in wrapper.modules_to_save), None)
+        replacement = wrapper.original_module if trained is None else wrapper.modules_to_save[trained]
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, replacement)
+
+
 def prune_and_unload(
     peft_model: nn.Module,
     adapter_name: str | Sequence[str] | None = None,
@@ -843,6 +862,7 @@ def prune_and_unload(
                 layer.get_base_layer(), z_row=g.z_row, z_col=g.z_col, dtype=dtype, delta=g.delta
             )
     was_quantized = any(is_quantized_linear(m) for m in tuner.model.modules() if not isinstance(m, GateLayer))
+    _keep_trained_copies(tuner.model, plan.adapter_names)
     model = tuner.unload()
     if not plan.supported:
         warnings.warn(

@@ -12,6 +12,7 @@ import json
 import math
 import os
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import _convert_weight_packed_for_cpu  # noqa: E402
@@ -445,15 +446,20 @@ def test_requantize_round_trip(base_dir, tmp_path):
         merged = dense(input_ids=x).logits
     config = BitsAndBytesConfig(**QUANT["nf4-dq"])
     quantized = requantize(copy.deepcopy(dense), config, save_directory=str(tmp_path / "q")).eval()
-    weight_err = [
-        rel(dequantize_weight(m), dense.get_submodule(n).weight)
-        for n, m in quantized.named_modules()
-        if is_quantized_linear(m)
-    ]
+    layers = [(n, m) for n, m in quantized.named_modules() if is_quantized_linear(m)]
+    assert len(layers) == 14
+    for name, module in layers:  # exactly bitsandbytes' own nf4 rounding of the merged weight, nothing more
+        weight = dense.get_submodule(name).weight.detach().contiguous()
+        codes, state = bnb.functional.quantize_4bit(
+            weight, quant_type="nf4", compress_statistics=True, blocksize=module.weight.quant_state.blocksize
+        )
+        assert torch.equal(dequantize_weight(module), bnb.functional.dequantize_4bit(codes, state)), name
+    weight_err = [rel(dequantize_weight(m), dense.get_submodule(n).weight) for n, m in layers]
     with torch.no_grad():
         requantized = quantized(input_ids=x).logits
-    # measured: weights 3.5% (the nf4 error of the base itself is ~9%), logits 3% on this tiny model
-    assert weight_err and max(weight_err) < 0.12
+    # nf4's own error on the merged weights, measured: 1e-4 to 8% for most layers, 18% for the 64 x 32
+    # o_proj whose columns fractional gates scaled (small values round to 0 in their block); logits 7.8%
+    assert max(weight_err) < 0.25
     assert rel(requantized, merged) < 0.15
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu").eval()
     assert any(is_quantized_linear(m) for m in reloaded.modules())
