@@ -22,7 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import accuracy, common, importance_prior, inference, recipes, train_cost  # noqa: E402
+from benchmarks import (  # noqa: E402
+    accuracy,
+    common,
+    gpu_check,
+    importance_prior,
+    inference,
+    recipes,
+    train_cost,
+)
 
 TINY = ["--model", "tiny", "--data", "synthetic"]
 SMALL = ["--train-size", "16", "--test-size", "8", "--steps", "2", "--batch-size", "8"]
@@ -639,6 +647,64 @@ def test_inference_tiny(tmp_path):
     assert rows[2]["removed_block"] <= rows[1]["removed_block"]  # alignment re-keeps some neurons
     assert rows[1]["params"] < rows[0]["params"]
     assert (tmp_path / "inference.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------- gpu check
+
+
+def test_gpu_check_smoke_runs_every_step_and_reads_every_target_back(tmp_path, monkeypatch):
+    """The prepared GPU command, on the CPU: every step runs, every target is read from the step files."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the CLI step's scratch models go here
+    out = tmp_path / "out"
+    payload = gpu_check.main(["--smoke", "--out-dir", str(out)])
+    assert [(s["step"], s["status"]) for s in payload["steps"]] == [
+        (name, "ok") for name in ("train_cost", "inference", "export", "prune", "bench")
+    ]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "bench_cli.json", "gpu_check.json", "gpu_check.log", "inference_gpu.json", "inference_gpu.png",
+        "train_cost_gpu.json", "train_cost_gpu.png",
+    ]  # fmt: skip  # the device machine sends back at most 8 files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("peft_gates_gpu_check_")]  # cleaned up
+    rows = {r["target"]: r for r in _json(out / "gpu_check.json")["targets"]}
+    assert len(rows) == 14 and all(isinstance(r["measured"], float) for r in rows.values())
+    train = {r["method"]: r for r in _json(out / "train_cost_gpu.json")["results"]}
+    for method in gpu_check.GATE_METHODS:
+        row = rows[f"training step time vs LoRA r=16, {method}"]
+        assert row["measured"] == train[method]["step_ratio"]
+        assert row["met"] == (train[method]["step_ratio"] <= gpu_check.STEP_TIME_MAX)
+        assert rows[f"training peak memory vs LoRA r=16, {method}"]["measured"] == train[method]["mem_ratio"]
+    pruned = [r for r in _json(out / "inference_gpu.json")["results"] if r["multiple_of"] is not None]
+    slowest = rows["slowest decode speed-up of all pruned variants (never slower than dense)"]
+    assert slowest["measured"] == min(r["decode_speedup"] for r in pruned)
+    at_30 = [name for name in rows if name.startswith("prefill speed-up,")]
+    assert len(at_30) == 2 and all("% of block params removed, widths x" in name for name in at_30)
+    bench = json.loads((out / "bench_cli.json").read_text())
+    assert (
+        rows["peft-gates bench of the saved 30% export, prefill (never slower than dense)"]["measured"]
+        == (bench["speedup"]["prefill"])
+    )
+    assert bench["results"]["pruned"]["parameters"] < bench["results"]["dense"]["parameters"]
+
+
+def test_gpu_check_kills_a_step_past_the_budget_and_reports_the_rest_unmeasured(tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--budget-s", "3"])
+    assert stopped.value.code == 1  # a step that did not finish is a failure of the run
+    data = _json(tmp_path / "gpu_check.json")
+    steps = {s["step"]: s["status"] for s in data["steps"]}
+    assert steps.pop("train_cost") == "timed out"
+    assert steps and all(status == "skipped (budget spent)" for status in steps.values())
+    assert all(r["met"] is None and r["verdict"] == "not measured" for r in data["targets"])
+
+
+def test_gpu_check_refuses_a_machine_without_cuda_and_an_empty_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device.*--smoke"):
+        gpu_check.main(["--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--budget-s 0.0 must be > 0"):
+        gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--budget-s", "0"])
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 # --------------------------------------------------------------------------------------------- errors
