@@ -20,6 +20,7 @@ tests run, so the command cannot rot between leases. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -48,39 +49,57 @@ TARGET_SHARE = 0.3
 GATE_METHODS = ("gates-units", "gates-units-scales", "gates-both")
 
 
+#: The parts a run can be limited to (``--only``), in the order they run: the targets first, the extras
+#: last, so that a budget cut short loses the least. ``cli`` is three steps: export, prune, bench.
+PARTS = ("inference", "train_cost", "cli", "train_cost_4bit")
+
+
 @dataclass(frozen=True)
 class Setting:
-    """The sizes of one run: the full GPU measurement, or the CPU smoke run of the same steps."""
+    """The sizes of one run: the full GPU measurement, or the CPU smoke run of the same steps.
+
+    ``args`` holds each part's own options, ``limits_s`` the most each part may take (``cli``: its three
+    steps together).
+    """
 
     device: str
     size: str
-    train: tuple[str, ...]
-    inference: tuple[str, ...]
-    bench: tuple[str, ...]
-    limits_s: tuple[int, int, int]  # train_cost, inference, cli: the most each step may take
+    args: dict[str, tuple[str, ...]]
+    limits_s: dict[str, int]
 
 
 SETTINGS = {
     "gpu": Setting(
         device="cuda",
         size="1b",
-        train=("--batch-size", "8", "--seq-len", "512", "--grad-ckpt", "--steps", "10", "--warmup", "3",
-               "--rounds", "2"),
-        inference=("--prefill-batch", "8", "--prefill-len", "512", "--decode-batch", "32", "--prompt-len",
-                   "512", "--new-tokens", "32", "--repeats", "5", "--warmup", "2", "--rounds", "3"),
-        bench=("--batch", "8", "--seq", "512", "--new-tokens", "32", "--repeats", "5", "--warmup", "2",
-               "--rounds", "3"),
-        limits_s=(210, 240, 150),
+        args={
+            "inference": ("--prefill-batch", "8", "--prefill-len", "512", "--decode-batch", "32",
+                          "--prompt-len", "512", "--new-tokens", "32", "--repeats", "5", "--warmup", "2",
+                          "--rounds", "3"),
+            "train_cost": ("--batch-size", "8", "--seq-len", "512", "--grad-ckpt", "--steps", "10",
+                           "--warmup", "3", "--rounds", "2"),
+            "cli": ("--batch", "8", "--seq", "512", "--new-tokens", "32", "--repeats", "5", "--warmup", "2",
+                    "--rounds", "3"),
+            "train_cost_4bit": ("--batch-size", "8", "--seq-len", "512", "--grad-ckpt", "--steps", "10",
+                                "--warmup", "3", "--methods", "qlora16,gates-units"),
+        },
+        limits_s={"inference": 240, "train_cost": 210, "cli": 150, "train_cost_4bit": 150},
     ),
     "smoke": Setting(
         device="cpu",
         size="tiny",
-        train=("--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--in-process"),
-        inference=("--prefill-batch", "2", "--prefill-len", "16", "--decode-batch", "2", "--prompt-len",
-                   "8", "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--sparsities", "0.1,0.3"),
-        bench=("--batch", "2", "--seq", "16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0",
-               "--rounds", "2"),
-        limits_s=(120, 120, 120),
+        args={
+            "inference": ("--prefill-batch", "2", "--prefill-len", "16", "--decode-batch", "2",
+                          "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--warmup", "0",
+                          "--sparsities", "0.1,0.3"),
+            "train_cost": ("--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1",
+                           "--in-process"),
+            "cli": ("--batch", "2", "--seq", "16", "--new-tokens", "4", "--repeats", "1", "--warmup", "0",
+                    "--rounds", "2"),
+            "train_cost_4bit": ("--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1",
+                                "--methods", "qlora16,gates-units"),
+        },
+        limits_s={"inference": 120, "train_cost": 120, "cli": 120, "train_cost_4bit": 120},
     ),
 }  # fmt: skip
 
@@ -101,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=540.0,
         help="wall-clock seconds for all steps together; keep it under the machine's command limit",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, from {PARTS} (a rerun of what a first lease left unmeasured)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, tiny random model, few repeats: checks the plumbing only"
@@ -142,10 +166,11 @@ def run_step(name: str, argv: Sequence[str], limit_s: float, log: Path) -> dict[
     seconds = time.monotonic() - start
     status = "ok" if code == 0 else ("timed out" if code is None else f"exit {code}")
     print(f"[gpu_check] {name}: {status} in {seconds:.0f} s", flush=True)
-    return {"step": name, "status": status, "seconds": round(seconds, 1), "limit_s": round(limit_s)}
+    return {"step": name, "status": status, "failed": code != 0, "seconds": round(seconds, 1),
+            "limit_s": round(limit_s)}  # fmt: skip
 
 
-def export_argv(args: argparse.Namespace, setting: Setting) -> list[str]:
+def export_argv(args: argparse.Namespace) -> list[str]:
     """The command that saves a dense base and a gate adapter closing 30% of it (for the CLI step)."""
     argv = ["-m", "benchmarks.gpu_check", "--out-dir", str(args.out_dir), "--export", str(export_dir(args))]
     return argv + (["--smoke"] if args.smoke else [])
@@ -175,26 +200,77 @@ def save_base_and_adapter(folder: Path, size: str) -> None:
     gated.save_pretrained(folder / "adapter")
 
 
-def steps(args: argparse.Namespace, setting: Setting) -> list[tuple[str, list[str], int]]:
-    """(name, python argv, time limit) of every step, in the order they run."""
+@dataclass(frozen=True)
+class Step:
+    """One process of the run: its part, the ``python`` arguments, and the most seconds it may take."""
+
+    name: str
+    part: str
+    argv: list[str]
+    limit_s: float
+
+
+def steps(args: argparse.Namespace, setting: Setting) -> list[Step]:
+    """Every step of the parts in ``--only``, in :data:`PARTS` order."""
     out = ["--out-dir", str(args.out_dir)]
     model = ["--device", setting.device, "--size", setting.size]
-    train_limit, inference_limit, cli_limit = setting.limits_s
     folder = export_dir(args)
-    cli = ["-m", "peft_gates.cli"]
-    return [
-        ("train_cost", ["-m", "benchmarks.train_cost", *model, *setting.train, "--methods",
-                        ",".join(("lora16", "ia3", *GATE_METHODS)), "--name", "train_cost_gpu", *out],
-         train_limit),
-        ("inference", ["-m", "benchmarks.inference", *model, *setting.inference, "--name", "inference_gpu",
-                       *out], inference_limit),
-        ("export", export_argv(args, setting), cli_limit // 3),
-        ("prune", [*cli, "prune", "--base", str(folder / "dense"), "--adapter", str(folder / "adapter"),
-                   "--out", str(folder / "pruned"), "--no-progress"], cli_limit // 3),
-        ("bench", [*cli, "bench", "--dense", str(folder / "dense"), "--pruned", str(folder / "pruned"),
-                   "--device", setting.device, *setting.bench, "--json", str(args.out_dir / "bench_cli.json"),
-                   "--overwrite", "--no-progress"], cli_limit // 3),
+    a, limit = setting.args, setting.limits_s
+    methods = ",".join(("lora16", "ia3", *GATE_METHODS))
+    prune = [
+        "prune",
+        "--base",
+        str(folder / "dense"),
+        "--adapter",
+        str(folder / "adapter"),
+        "--out",
+        str(folder / "pruned"),
+    ]
+    bench = [
+        "bench",
+        "--dense",
+        str(folder / "dense"),
+        "--pruned",
+        str(folder / "pruned"),
+        "--device",
+        setting.device,
+        *a["cli"],
+        "--json",
+        str(args.out_dir / "bench_cli.json"),
+        "--overwrite",
+    ]
+    every = [
+        Step("inference", "inference",
+             ["-m", "benchmarks.inference", *model, *a["inference"], "--name", "inference_gpu", *out],
+             limit["inference"]),
+        Step("train_cost", "train_cost",
+             ["-m", "benchmarks.train_cost", *model, *a["train_cost"], "--methods", methods,
+              "--name", "train_cost_gpu", *out],
+             limit["train_cost"]),
+        Step("export", "cli", export_argv(args), limit["cli"] / 3),
+        Step("prune", "cli", ["-m", "peft_gates.cli", *prune, "--no-progress"], limit["cli"] / 3),
+        Step("bench", "cli", ["-m", "peft_gates.cli", *bench, "--no-progress"], limit["cli"] / 3),
+        Step("train_cost_4bit", "train_cost_4bit",
+             ["-m", "benchmarks.train_cost_quantized", *model, *a["train_cost_4bit"],
+              "--name", "train_cost_4bit_gpu", *out],
+             limit["train_cost_4bit"]),
     ]  # fmt: skip
+    return [step for step in every if step.part in args.parts]
+
+
+def skip_reason(step: Step, ran: list[dict[str, Any]], left_s: float) -> tuple[str, bool] | None:
+    """Why ``step`` does not run and whether that fails the run; ``None``: it runs.
+
+    No budget left or an earlier step of its part not finished fail the run; a missing optional package
+    (bitsandbytes, for the 4-bit part) does not: that part is reported unmeasured, with the fix.
+    """
+    if left_s < 2:
+        return "budget spent", True
+    if step.name in ("prune", "bench") and ran[-1]["status"] != "ok":
+        return f"{ran[-1]['step']} did not finish", True
+    if step.part == "train_cost_4bit" and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed: carry its wheel, see docs/benchmarks.md", False
+    return None
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -222,6 +298,12 @@ def targets(out_dir: Path) -> list[dict[str, Any]]:
                           STEP_TIME_MAX, at_most=True))  # fmt: skip
         rows.append(check(f"training peak memory vs LoRA r=16, {method}", row.get("mem_ratio"),
                           MEMORY_MAX, at_most=True))  # fmt: skip
+    quantized = _read(out_dir / "train_cost_4bit_gpu.json")
+    row = next((r for r in quantized["results"] if r["method"] == "gates-units"), {}) if quantized else {}
+    rows.append(check("4-bit base: training step time vs QLoRA r=16, gates-units", row.get("step_ratio"),
+                      STEP_TIME_MAX, at_most=True))  # fmt: skip
+    rows.append(check("4-bit base: training peak memory vs QLoRA r=16, gates-units", row.get("mem_ratio"),
+                      MEMORY_MAX, at_most=True))  # fmt: skip
     inference = _read(out_dir / "inference_gpu.json")
     pruned = [r for r in inference["results"] if r["multiple_of"] is not None] if inference else []
     for row in (r for r in pruned if abs(r["target"] - TARGET_SHARE) < 1e-9):
@@ -252,6 +334,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.export is not None:  # the export step, in its own process
         save_base_and_adapter(args.export, setting.size)
         return {}
+    args.parts = common.parse_list(args.only)
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown or not args.parts:
+        raise SystemExit(
+            f"error: --only {args.only!r}: {unknown or 'nothing'} is not a part; choose from {PARTS}"
+        )
     if args.budget_s <= 0:
         raise SystemExit(f"error: --budget-s {args.budget_s} must be > 0 (seconds for all steps together)")
     if setting.device == "cuda" and not torch.cuda.is_available():  # one clear line, not five failed steps
@@ -263,14 +351,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + args.budget_s
     ran: list[dict[str, Any]] = []
     try:
-        for name, step_argv, limit in steps(args, setting):
+        for step in steps(args, setting):
             left = deadline - time.monotonic()
-            if left < 2 or (name in ("prune", "bench") and ran[-1]["status"] != "ok"):
-                why = "budget spent" if left < 2 else f"{ran[-1]['step']} did not finish"
-                ran.append({"step": name, "status": f"skipped ({why})", "seconds": 0.0, "limit_s": 0})
-                print(f"[gpu_check] {name}: skipped ({why})", flush=True)
+            skipped = skip_reason(step, ran, left)
+            if skipped is not None:
+                why, failed = skipped
+                ran.append({"step": step.name, "status": f"skipped ({why})", "failed": failed,
+                            "seconds": 0.0, "limit_s": 0})  # fmt: skip
+                print(f"[gpu_check] {step.name}: skipped ({why})", flush=True)
                 continue
-            ran.append(run_step(name, step_argv, min(limit, left), log))
+            ran.append(run_step(step.name, step.argv, min(step.limit_s, left), log))
     finally:
         shutil.rmtree(export_dir(args), ignore_errors=True)
     rows = targets(args.out_dir)
@@ -285,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "GPU targets" + (" (SMOKE RUN on CPU: these numbers mean nothing)" if args.smoke else ""),
     )  # fmt: skip
     print(f"wrote {args.out_dir / 'gpu_check.json'} (log: {log})")
-    if any(step["status"] != "ok" for step in ran):
+    if any(step["failed"] for step in ran):
         raise SystemExit(1)
     return payload
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -657,17 +658,16 @@ def test_gpu_check_smoke_runs_every_step_and_reads_every_target_back(tmp_path, m
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the CLI step's scratch models go here
     out = tmp_path / "out"
     payload = gpu_check.main(["--smoke", "--out-dir", str(out)])
-    assert [(s["step"], s["status"]) for s in payload["steps"]] == [
-        (name, "ok") for name in ("train_cost", "inference", "export", "prune", "bench")
-    ]
+    steps = ("inference", "train_cost", "export", "prune", "bench", "train_cost_4bit")
+    assert [(s["step"], s["status"]) for s in payload["steps"]] == [(name, "ok") for name in steps]
     files = sorted(p.name for p in out.iterdir())
     assert files == [
         "bench_cli.json", "gpu_check.json", "gpu_check.log", "inference_gpu.json", "inference_gpu.png",
-        "train_cost_gpu.json", "train_cost_gpu.png",
+        "train_cost_4bit_gpu.json", "train_cost_gpu.json", "train_cost_gpu.png",
     ]  # fmt: skip  # the device machine sends back at most 8 files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("peft_gates_gpu_check_")]  # cleaned up
     rows = {r["target"]: r for r in _json(out / "gpu_check.json")["targets"]}
-    assert len(rows) == 14 and all(isinstance(r["measured"], float) for r in rows.values())
+    assert len(rows) == 16 and all(isinstance(r["measured"], float) for r in rows.values())
     train = {r["method"]: r for r in _json(out / "train_cost_gpu.json")["results"]}
     for method in gpu_check.GATE_METHODS:
         row = rows[f"training step time vs LoRA r=16, {method}"]
@@ -693,9 +693,24 @@ def test_gpu_check_kills_a_step_past_the_budget_and_reports_the_rest_unmeasured(
     assert stopped.value.code == 1  # a step that did not finish is a failure of the run
     data = _json(tmp_path / "gpu_check.json")
     steps = {s["step"]: s["status"] for s in data["steps"]}
-    assert steps.pop("train_cost") == "timed out"
+    assert steps.pop("inference") == "timed out"
     assert steps and all(status == "skipped (budget spent)" for status in steps.values())
     assert all(r["met"] is None and r["verdict"] == "not measured" for r in data["targets"])
+
+
+def test_gpu_check_runs_only_the_parts_asked_and_skips_4bit_without_bitsandbytes(tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a),
+    )
+    payload = gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--only", "train_cost_4bit"])
+    assert [(s["step"], s["failed"]) for s in payload["steps"]] == [("train_cost_4bit", False)]
+    assert "carry its wheel" in payload["steps"][0]["status"]  # a missing extra is named, not a failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log"]
+    with pytest.raises(SystemExit, match=r"--only 'train,cli': \['train'\] is not a part"):
+        gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--only", "train,cli"])
 
 
 def test_gpu_check_refuses_a_machine_without_cuda_and_an_empty_budget(tmp_path, monkeypatch):
