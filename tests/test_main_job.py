@@ -11,7 +11,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import peft
 import pytest
+import torch
 
 MAIN_JOB = Path(__file__).resolve().parents[1] / "examples" / "main_job.py"
 
@@ -69,6 +71,7 @@ def test_main_job_end_to_end_small(tmp_path):
 
     saved = json.loads((out / "main_job.json").read_text())
     assert saved["pruned_accuracy"] == results["pruned_accuracy"]
+    assert saved["versions"]["peft"] == peft.__version__ and saved["versions"]["torch"] == torch.__version__
     for key in ("zero_shot_accuracy", "gated_accuracy", "pruned_accuracy"):
         assert 0.0 <= results[key] <= 1.0
     # the pruned export is the gated model: same greedy tokens, logits within fp32 folding error
