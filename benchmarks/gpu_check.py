@@ -83,7 +83,7 @@ SETTINGS = {
             "train_cost_4bit": ("--batch-size", "8", "--seq-len", "512", "--grad-ckpt", "--steps", "10",
                                 "--warmup", "3", "--methods", "qlora16,gates-units"),
         },
-        limits_s={"inference": 240, "train_cost": 210, "cli": 150, "train_cost_4bit": 150},
+        limits_s={"inference": 240, "train_cost": 210, "cli": 240, "train_cost_4bit": 150},
     ),
     "smoke": Setting(
         device="cpu",
