@@ -8,8 +8,9 @@ own process group under a time limit cut from one overall ``--budget-s``, so a s
 over is killed and reported and the next one still runs; every file goes straight into ``--out-dir``.
 The run ends with the GPU targets, measured against their thresholds, in ``gpu_check.json``.
 
-On the device machine of this workplace (no package installs needed: torch, transformers, peft,
-accelerate and matplotlib are there)::
+On the device machine of this workplace torch, transformers, peft, accelerate and matplotlib are
+installed; bitsandbytes, for the 4-bit part, travels as a wheel (docs/benchmarks.md). Without it that part
+is reported unmeasured, and the rest runs::
 
     python -m benchmarks.gpu_check --out-dir "$OUT"
 
@@ -108,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu_check",
         description="The GPU targets in one command: training cost (gates vs LoRA r=16 vs IA3, 1B Llama "
-        "shape, bf16), dense vs pruned inference (10-40%% removed, widths x1 and x128) and the command "
-        "line on a saved export, each step in its own process under a share of --budget-s. Writes every "
-        "step's JSON/PNG, a log and gpu_check.json (targets vs thresholds) into --out-dir; exits 1 if a "
-        "step failed (targets missed are results, not failures).",
+        "shape, bf16), dense vs pruned inference (10-40 percent removed, widths x1 and x128), the command "
+        "line on a saved export and the 4-bit training cost, each step in its own process under a share "
+        "of --budget-s. Writes every step's JSON/PNG, a log and gpu_check.json (targets vs thresholds) "
+        "into --out-dir; exits 1 if a step failed (targets missed are results, not failures).",
         formatter_class=common.HelpFormatter,
     )
     parser.add_argument("--out-dir", type=Path, required=True, help="where every file goes (e.g. $OUT)")
