@@ -791,7 +791,7 @@ def test_recipe_search_list_names_known_flags():
         parser.parse_args(argv)  # every listed variant is a valid accuracy.py command line
 
 
-@pytest.mark.parametrize("script", ["accuracy", "train_cost", "inference", "recipes"])
+@pytest.mark.parametrize("script", ["accuracy", "train_cost", "inference", "recipes", "gpu_check"])
 def test_help_runs_as_a_file(script):
     """``python benchmarks/<script>.py --help`` works from any directory (the file-run import path)."""
     proc = subprocess.run(
