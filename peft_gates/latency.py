@@ -203,13 +203,18 @@ def _returned_cache(output: Any) -> Any:
     return None
 
 
-def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
-    """``logits_to_keep=1`` where the model accepts it (causal LMs): generation reads the last position."""
+def _forward_kwargs(model: nn.Module, use_cache: bool | None = None) -> dict[str, Any]:
+    """``logits_to_keep=1`` (generation reads the last position) and ``use_cache`` where forward names them.
+
+    Only what the forward names: encoders take neither, and BERT's forward refuses ``use_cache`` under
+    transformers 4.x although its config carries the attribute.
+    """
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    wanted = {"logits_to_keep": 1, "use_cache": use_cache}
+    return {name: value for name, value in wanted.items() if value is not None and name in params}
 
 
 def measure_prefill(
@@ -220,9 +225,7 @@ def measure_prefill(
     on_sample: Callable[[], None] | None = None,
 ) -> TimingStats:
     """Time one forward over ``input_ids`` (no KV cache; last-position logits where supported)."""
-    kwargs = _forward_kwargs(model)
-    if getattr(model.config, "use_cache", None) is not None:
-        kwargs["use_cache"] = False
+    kwargs = _forward_kwargs(model, use_cache=False)
     with torch.inference_mode():
         return time_fn(
             lambda: model(input_ids=input_ids, **kwargs), repeats, warmup, input_ids.device, on_sample

@@ -518,6 +518,24 @@ def test_measure_latency_encoder_and_bad_settings():
         measure_latency(tiny_model("llama"), new_tokens=-5)
 
 
+def test_prefill_passes_use_cache_only_to_a_forward_that_takes_it():
+    """BERT under transformers 4.x: the config has use_cache, the forward refuses it (prefill raised)."""
+    from peft_gates.latency import measure_prefill
+
+    class Encoder(torch.nn.Module):
+        config = transformers.BertConfig()  # carries use_cache=True
+
+        def forward(self, input_ids):  # no use_cache, no **kwargs
+            return input_ids.float()
+
+    assert measure_prefill(Encoder(), torch.zeros(1, 4, dtype=torch.long), repeats=1, warmup=0).median_s >= 0
+    calls = []
+    decoder = tiny_model("llama")
+    decoder.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(kwargs), with_kwargs=True)
+    measure_prefill(decoder, torch.zeros(1, 4, dtype=torch.long), repeats=1, warmup=0)
+    assert calls and all(c["use_cache"] is False and c["logits_to_keep"] == 1 for c in calls)
+
+
 def test_rotate_rounds_rotates_the_order_and_keeps_round_order():
     calls = []
     rounds_done = []
