@@ -687,6 +687,37 @@ def test_gpu_check_smoke_runs_every_step_and_reads_every_target_back(tmp_path, m
     assert bench["results"]["pruned"]["parameters"] < bench["results"]["dense"]["parameters"]
 
 
+def test_gpu_check_gpu_setting_is_valid_for_every_script_it_calls(tmp_path):
+    """The smoke run uses other sizes; a typo in the GPU setting must fail here, not on a rare GPU lease."""
+    from benchmarks import train_cost_quantized
+    from peft_gates import cli
+
+    args = gpu_check.build_parser().parse_args(["--out-dir", str(tmp_path)])
+    args.parts = list(gpu_check.PARTS)
+    scripts = {
+        "benchmarks.inference": (inference.build_parser, None),
+        "benchmarks.train_cost": (train_cost.build_parser, train_cost.METHODS),
+        "benchmarks.train_cost_quantized": (train_cost_quantized.build_parser, train_cost_quantized.METHODS),
+        "benchmarks.gpu_check": (gpu_check.build_parser, None),
+        "peft_gates.cli": (cli.build_parser, None),
+    }
+    steps = gpu_check.steps(args, gpu_check.SETTINGS["gpu"])
+    assert [s.name for s in steps] == [
+        "inference",
+        "train_cost",
+        "export",
+        "prune",
+        "bench",
+        "train_cost_4bit",
+    ]
+    for step in steps:
+        assert step.argv[0] == "-m"
+        build, methods = scripts[step.argv[1]]
+        parsed = build().parse_args(step.argv[2:])
+        if methods is not None:
+            train_cost.checked_methods(parsed, methods)
+
+
 def test_gpu_check_kills_a_step_past_the_budget_and_reports_the_rest_unmeasured(tmp_path):
     with pytest.raises(SystemExit) as stopped:
         gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--budget-s", "3"])
