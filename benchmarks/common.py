@@ -418,18 +418,23 @@ def serve_worker(
     return result
 
 
+def repo_env() -> dict[str, str]:
+    """This environment with the repository first on ``PYTHONPATH``: a child process imports this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def run_worker(module: str, argv: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
     """Run ``python -m module argv`` in a fresh process and return the result it emitted.
 
     A fresh process per measurement is what makes a CPU peak RSS mean something: the high-water mark
     cannot be reset, and the allocator keeps what an earlier method freed.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, "-m", module, *argv],
         cwd=REPO_ROOT,
-        env=env,
+        env=repo_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -143,8 +143,7 @@ def run_step(name: str, argv: Sequence[str], limit_s: float, log: Path) -> dict[
     A process group, because the training-cost step starts one worker per method: killing only the
     parent would leave a worker holding the GPU for the next step.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env = common.repo_env()
     env.setdefault("PYTHONUNBUFFERED", "1")
     start = time.monotonic()
     with log.open("a") as out:
